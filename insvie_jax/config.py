@@ -1,0 +1,390 @@
+"""Config as data: typed dataclasses, YAML files with `base:` includes, and `key=value` overrides.
+
+Every key is validated when the config is loaded: an unknown key names the closest valid one, a value
+of the wrong type names the key and the type it wants, and derived values (frame counts, resolution,
+dtype) are checked once here so that nothing downstream has to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message says which key and how to fix it."""
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """The CogVideoX editing transformer. Sizes follow diffusers' `CogVideoXTransformer3DModel` names."""
+
+    name: str = "cogvideox-2b-edit"
+    num_layers: int = 30
+    num_attention_heads: int = 30
+    attention_head_dim: int = 64
+    in_channels: int = 16  # latent channels of one stream; the edit patch embedding takes 2x this
+    out_channels: int = 16
+    patch_size: int = 2
+    time_embed_dim: int = 512
+    text_embed_dim: int = 4096
+    text_length: int = 226
+    mlp_ratio: float = 4.0
+    # Base size the positions are defined for: latent height/width, pixel frames (as diffusers).
+    sample_height: int = 60
+    sample_width: int = 90
+    sample_frames: int = 49
+    temporal_compression: int = 4
+    positions: str = "sincos"  # "sincos" (2B) or "rope" (5B)
+    spatial_interpolation_scale: float = 1.875
+    temporal_interpolation_scale: float = 1.0
+    rope_theta: float = 10000.0
+    patch_embed: str = "double_ch"  # "double_ch" (InsViE release) or "fix_proj" (ablation)
+    norm_eps: float = 1e-5
+    qk_norm_eps: float = 1e-6
+    norm_out_eps: float = 1e-5  # diffusers; SAT's final adaLN norm uses 1e-6
+    param_dtype: str = "float32"
+    dtype: str = "bfloat16"
+    attention: str = "auto"  # "auto" | "cudnn" | "xla"
+    scan_layers: bool = True
+    remat_policy: str = "none"  # "none" | "full" | "dots" | "dots_no_batch"
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+
+@dataclasses.dataclass
+class VAEConfig:
+    path: str = ""  # diffusers `vae/` folder or SAT `3d-vae.pt`; empty = random init (tests, tiny)
+    scaling_factor: float = 1.15258426
+    latent_channels: int = 16
+    spatial_compression: int = 8
+    temporal_compression: int = 4
+
+
+@dataclasses.dataclass
+class TextEncoderConfig:
+    path: str = ""  # Hugging Face T5 folder; empty = random init (tests, tiny)
+    max_length: int = 226
+    dtype: str = "bfloat16"
+
+
+@dataclasses.dataclass
+class DiffusionConfig:
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    snr_shift_scale: float = 3.0  # 3.0 for 2B, 1.0 for 5B
+    prediction: str = "v"
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    # Sizes of the named axes within a slice/host (ici_*) and across them (dcn_*); one may be -1 (the rest).
+    ici_data: int = -1
+    ici_fsdp: int = 1
+    ici_tensor: int = 1
+    ici_context: int = 1
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    dcn_tensor: int = 1
+    dcn_context: int = 1
+    # Logical axis name -> mesh axis (or list of axes, or null = replicated).
+    logical_axis_rules: list = dataclasses.field(
+        default_factory=lambda: [
+            ["batch", ["data", "fsdp"]],
+            ["length", "context"],
+            ["embed", "fsdp"],
+            ["heads", "tensor"],
+            ["mlp", "tensor"],
+            ["head_dim", None],
+            ["vocab", "tensor"],
+            ["layers", None],
+        ]
+    )
+
+
+@dataclasses.dataclass
+class DataConfig:
+    source: str = "synthetic"
+    num_frames: int = 49  # pixel frames: 4k+1
+    height: int = 480
+    width: int = 720
+    batch_size: int = 1  # global batch
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    steps: int = 1000
+    seed: int = 0
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    weight_decay: float = 1e-4
+    adam_b1: float = 0.9
+    adam_b2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    frame_loss_weight: float = 0.5
+    text_dropout: float = 0.1
+    source_dropout: float = 0.05
+    log_every: int = 10
+
+
+@dataclasses.dataclass
+class LoraConfig:
+    enabled: bool = False
+    rank: int = 128
+    alpha: float = 1.0
+    targets: list = dataclasses.field(default_factory=lambda: ["qkv", "attn_out"])
+    also_train: list = dataclasses.field(default_factory=lambda: ["proj_edit"])
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    every: int = 1000
+    keep: int = 3
+
+
+@dataclasses.dataclass
+class SampleConfig:
+    steps: int = 50
+    text_scale: float = 7.5
+    source_scale: float = 1.2
+    guidance_schedule: str = "insvie"  # "insvie" | "cosine" | "constant"
+    fps: int = 7
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    vae: VAEConfig = dataclasses.field(default_factory=VAEConfig)
+    text_encoder: TextEncoderConfig = dataclasses.field(default_factory=TextEncoderConfig)
+    diffusion: DiffusionConfig = dataclasses.field(default_factory=DiffusionConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
+    stages: list = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _closest(key: str, valid: list[str], prefix: str) -> str:
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.0)
+    return f"; did you mean '{prefix}{match[0]}'?" if match else ""
+
+
+def _coerce(path: str, value: Any, want: Any) -> Any:
+    """Checks `value` against the annotated type; ints are accepted where floats are wanted."""
+    origin = typing.get_origin(want)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(want):
+            try:
+                return _coerce(path, value, option)
+            except ConfigError:
+                pass
+        raise ConfigError(f"config key '{path}': expected {want}, got {value!r} ({type(value).__name__})")
+    if want is Any:
+        return value
+    if want is bool:
+        if isinstance(value, bool):
+            return value
+    elif want is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif want is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif want is str:
+        if isinstance(value, str):
+            return value
+    elif want is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+    elif want is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
+    elif want is type(None):
+        if value is None:
+            return None
+    name = getattr(want, "__name__", str(want))
+    raise ConfigError(f"config key '{path}': expected {name}, got {value!r} ({type(value).__name__})")
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
+    types_ = _field_types(cls)
+    kwargs = {}
+    for key, value in data.items():
+        path = prefix + key
+        if key not in types_:
+            raise ConfigError(f"unknown config key '{path}'{_closest(key, list(types_), prefix)}")
+        want = types_[key]
+        if dataclasses.is_dataclass(want):
+            kwargs[key] = _build(want, value or {}, path + ".")
+        else:
+            kwargs[key] = _coerce(path, value, want)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple = ()) -> dict:
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {path} includes itself through 'base:'")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    base = data.pop("base", None)
+    if base:
+        base_path = Path(base) if Path(base).is_absolute() else path.parent / base
+        data = _merge(_read_yaml(base_path, seen + (path.resolve(),)), data)
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`model.num_layers=4` -> (['model', 'num_layers'], 4); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def _apply_override(data: dict, keys: list[str], value: Any) -> None:
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{'.'.join(keys)}': '{k}' is not a section")
+    node[keys[-1]] = value
+
+
+def resolve_path(name: str | Path) -> Path:
+    """A config path, or the name of a shipped preset (`tiny`, `cogvideox-2b-edit`)."""
+    path = Path(name)
+    if path.exists():
+        return path
+    for candidate in (CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
+        if candidate.exists():
+            return candidate
+    presets = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"config '{name}' is neither a file nor a preset; presets: {', '.join(presets)}")
+
+
+def from_dict(data: dict) -> Config:
+    config = _build(Config, data)
+    validate(config)
+    return config
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Loads a YAML config (or preset name), applies `key=value` overrides, validates."""
+    data = _read_yaml(resolve_path(path)) if path else {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        _apply_override(data, keys, value)
+    return from_dict(data)
+
+
+def save(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation of derived values
+
+_CHOICES = {
+    "model.positions": ("sincos", "rope"),
+    "model.patch_embed": ("double_ch", "fix_proj"),
+    "model.attention": ("auto", "cudnn", "xla"),
+    "model.remat_policy": ("none", "full", "dots", "dots_no_batch"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "sample.guidance_schedule": ("insvie", "cosine", "constant"),
+}
+
+
+def validate(config: Config) -> None:
+    for path, options in _CHOICES.items():
+        section, key = path.split(".")
+        value = getattr(getattr(config, section), key)
+        if value not in options:
+            raise ConfigError(f"config key '{path}' = {value!r}: expected one of {', '.join(options)}")
+    m, d = config.model, config.data
+    if m.hidden_size % 4 or (m.positions == "sincos" and m.hidden_size % 16):
+        raise ConfigError(
+            f"model hidden size {m.hidden_size} (heads x head_dim) must be divisible by 16 for sin-cos positions"
+        )
+    if m.positions == "rope" and m.attention_head_dim % 16:
+        raise ConfigError(f"model.attention_head_dim={m.attention_head_dim} must be divisible by 16 for 3D RoPE")
+    if d.num_frames < 1 or (d.num_frames - 1) % m.temporal_compression:
+        k = max((d.num_frames - 1) // m.temporal_compression, 0)
+        raise ConfigError(
+            f"data.num_frames={d.num_frames} must be {m.temporal_compression}k+1 (e.g. "
+            f"{m.temporal_compression * k + 1} or {m.temporal_compression * (k + 1) + 1})"
+        )
+    step = config.vae.spatial_compression * m.patch_size
+    for key in ("height", "width"):
+        value = getattr(d, key)
+        if value <= 0 or value % step:
+            raise ConfigError(
+                f"data.{key}={value} must be a positive multiple of {step} (VAE factor "
+                f"{config.vae.spatial_compression} x patch size {m.patch_size})"
+            )
+    if m.dtype == "float16" and m.hidden_size >= 3072:
+        raise ConfigError(
+            "model.dtype=float16 is refused for 5B-size models (CogVideoX-5B overflows to NaN in fp16): "
+            "use model.dtype=bfloat16"
+        )
+    if config.lora.enabled and config.lora.rank <= 0:
+        raise ConfigError(f"lora.rank={config.lora.rank} must be positive")

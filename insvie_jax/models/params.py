@@ -1,0 +1,53 @@
+"""Parameters as flat `{"a.b.kernel": array}` dicts: the common currency of loaders and converters."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def flat_params(model: nnx.Module) -> dict[str, np.ndarray]:
+    state = nnx.state(model, nnx.Param)
+    return {".".join(str(k) for k in path): np.asarray(v[...]) for path, v in nnx.to_flat_state(state)}
+
+
+def param_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
+    state = nnx.state(model, nnx.Param)
+    return {".".join(str(k) for k in path): tuple(v[...].shape) for path, v in nnx.to_flat_state(state)}
+
+
+class ParamMismatch(ValueError):
+    """Names every missing, unexpected and wrongly shaped parameter."""
+
+
+def check_params(expected: dict[str, tuple], found: dict[str, tuple], what: str = "checkpoint") -> None:
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = [
+        f"  {k}: expected {tuple(expected[k])}, found {tuple(found[k])}"
+        for k in sorted(set(expected) & set(found))
+        if tuple(expected[k]) != tuple(found[k])
+    ]
+    if missing or unexpected or wrong:
+        lines = [f"{what} does not fit the model config:"]
+        if missing:
+            lines.append(f"missing ({len(missing)}): " + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else ""))
+        if unexpected:
+            lines.append(
+                f"unexpected ({len(unexpected)}): " + ", ".join(unexpected[:20]) + (" ..." if len(unexpected) > 20 else "")
+            )
+        if wrong:
+            lines.append(f"wrong shape ({len(wrong)}):")
+            lines.extend(wrong[:20])
+        raise ParamMismatch("\n".join(lines))
+
+
+def set_flat_params(model: nnx.Module, flat: dict[str, np.ndarray], what: str = "checkpoint") -> None:
+    """Writes every parameter of `model` from `flat`, after checking names and shapes all match."""
+    state = nnx.state(model, nnx.Param)
+    check_params(param_shapes(model), {k: np.shape(v) for k, v in flat.items()}, what)
+    for path, var in nnx.to_flat_state(state):
+        key = ".".join(str(k) for k in path)
+        var[...] = jnp.asarray(flat[key], var[...].dtype)
+    nnx.update(model, state)

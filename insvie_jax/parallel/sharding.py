@@ -1,0 +1,51 @@
+"""Logical axis names -> mesh axes, from the config's rules (MaxText style).
+
+Models name their parameters' and activations' axes (`embed`, `heads`, `batch`, `length`, ...). Which
+mesh axis each name lands on is decided here, from `mesh.logical_axis_rules`, and nowhere else. Outside a
+`logical_rules(...)` context `constrain` does nothing, so the same model code runs unsharded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("insvie_logical_rules", default=None)
+
+
+def logical_to_spec(names, rules) -> PartitionSpec:
+    """('batch', 'length', 'embed') -> PartitionSpec(('data','fsdp'), 'context', 'fsdp') under `rules`.
+
+    A mesh axis is used at most once per spec: a later name that maps to an axis already taken is replicated.
+    """
+    table = {name: axis for name, axis in rules}
+    used: set[str] = set()
+    spec = []
+    for name in names:
+        axis = table.get(name) if name is not None else None
+        axes = [axis] if isinstance(axis, str) else list(axis or [])
+        axes = [a for a in axes if a not in used]
+        used.update(axes)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+    return PartitionSpec(*spec)
+
+
+@contextlib.contextmanager
+def logical_rules(mesh: Mesh, rules):
+    """Within this context, `constrain` places activations on `mesh` according to `rules`."""
+    token = _ACTIVE.set((mesh, [tuple(r) for r in rules]))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, names) -> jax.Array:
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, rules)))
