@@ -220,8 +220,9 @@ def load_t5(
     Sizes come from config.json; dtypes and `scan_layers` from `config`. Each parameter is converted on its
     own and placed straight onto its sharding: `shardings` (flat name -> Sharding), else from `mesh` and the
     logical axis `rules` (default: `MeshConfig().logical_axis_rules`), else the default device. With a
-    sharding, each device's block is cut from the memory-mapped file, so no device or host buffer ever holds
-    a whole stacked fp32 parameter.
+    sharding, each device's block is converted from the memory-mapped files on its own, so neither host nor
+    device builds a whole stacked fp32 parameter unless it is replicated; the price is that every device
+    re-reads the layer tensors its block is cut from.
     """
     folder = _model_folder(path)
     cfg = config_from_hf(json.loads((folder / "config.json").read_text()), config)
