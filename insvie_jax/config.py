@@ -77,9 +77,22 @@ class VAEConfig:
 
 @dataclasses.dataclass
 class TextEncoderConfig:
+    """The T5 v1.1 encoder. Sizes follow Hugging Face `T5Config` names; defaults are t5-v1_1-xxl (CogVideoX)."""
+
     path: str = ""  # Hugging Face T5 folder; empty = random init (tests, tiny)
     max_length: int = 226
+    vocab_size: int = 32128
+    d_model: int = 4096
+    d_kv: int = 64
+    num_heads: int = 64
+    num_layers: int = 24
+    d_ff: int = 10240
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+    param_dtype: str = "float32"
     dtype: str = "bfloat16"
+    scan_layers: bool = True
 
 
 @dataclasses.dataclass
@@ -350,6 +363,9 @@ _CHOICES = {
     "model.remat_policy": ("none", "full", "dots", "dots_no_batch"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
+    # No float16: T5 v1.1 feed-forward activations overflow it (Hugging Face clamps; bf16 needs no clamp).
+    "text_encoder.dtype": ("float32", "bfloat16"),
+    "text_encoder.param_dtype": ("float32", "bfloat16"),
     "sample.guidance_schedule": ("insvie", "cosine", "constant"),
 }
 
