@@ -402,5 +402,14 @@ def validate(config: Config) -> None:
             "model.dtype=float16 is refused for 5B-size models (CogVideoX-5B overflows to NaN in fp16): "
             "use model.dtype=bfloat16"
         )
+    if config.text_encoder.d_model != m.text_embed_dim:
+        raise ConfigError(
+            f"text_encoder.d_model={config.text_encoder.d_model} must equal model.text_embed_dim={m.text_embed_dim} "
+            "(the transformer projects the encoder's output)"
+        )
+    if config.text_encoder.max_length != m.text_length:
+        raise ConfigError(
+            f"text_encoder.max_length={config.text_encoder.max_length} must equal model.text_length={m.text_length}"
+        )
     if config.lora.enabled and config.lora.rank <= 0:
         raise ConfigError(f"lora.rank={config.lora.rank} must be positive")
