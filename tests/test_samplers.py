@@ -197,13 +197,17 @@ def test_loop_equals_python_loop_of_the_steps(tiny, sampler):
 
     plan, rows = loop.plan_rows(scfg, dcfg)
     source3, text3 = guidance.branch_inputs(source, text)
-    x, prev_x0 = loop.initial_noise(key, source.shape), jnp.zeros(source.shape)
-    for i in range(plan.num_steps):
-        row = {k: v[i] for k, v in rows.items()}
+
+    @jax.jit  # one step, compiled once, called from a Python loop
+    def one_step(x, prev_x0, row):
         x0 = guidance.guided_x0(model, x, source3, text3, row["timestep"], row["c_skip"], row["c_out"],
                                 row["text_scale"], row["source_scale"])
-        noise = loop.step_noise(key, i, x.shape) if plan.stochastic else None
-        x, prev_x0 = samplers.step(row, x, x0, prev_x0, noise), x0
+        noise = loop.step_noise(key, row["index"], x.shape) if plan.stochastic else None
+        return samplers.step(row, x, x0, prev_x0, noise), x0
+
+    x, prev_x0 = loop.initial_noise(key, source.shape), jnp.zeros(source.shape)
+    for i in range(plan.num_steps):
+        x, prev_x0 = one_step(x, prev_x0, {k: v[i] for k, v in rows.items()})
         assert rel(trajectory[i], x) <= LOOP_TOL, (i, rel(trajectory[i], x))
     np.testing.assert_array_equal(final, trajectory[-1])
 
