@@ -1,7 +1,8 @@
 """The sampling loop: one jitted `lax.scan` over a sampler plan, 3-way guidance batched in each model call.
 
 `sample(model, source_latents, text_emb, key, sample_cfg, diffusion_cfg)` returns the edited latents
-(B, f, h, w, C), unscaled as the model sees them. `denoise_fn` is either an NNX module called as
+(B, f, h, w, C) in the model's latent space: source latents go in already multiplied by the VAE scaling
+factor, and the result is divided by it before decoding (by the caller). `denoise_fn` is either an NNX module called as
 `model(noisy, source, text, t) -> v` (its state is passed into the jitted function, not baked in as
 constants, and one compiled loop is reused for every call with the same shapes) or any pure function with
 that signature. Progress goes to a tqdm bar through host callbacks.
