@@ -178,6 +178,10 @@ class SampleConfig:
     text_scale: float = 7.5
     source_scale: float = 1.2
     guidance_schedule: str = "insvie"  # "insvie" | "cosine" | "constant"
+    guidance_exponent: int = 5  # the cosine schedule's power (InsViE's `exp`)
+    # "dpmpp_2m_sde": SAT's VP-SDE DPM++(2M) exactly as InsViE samples; "cogvideox_dpm" / "ddim": diffusers'
+    # CogVideoXDPMScheduler / CogVideoXDDIMScheduler (trailing spacing).
+    sampler: str = "dpmpp_2m_sde"
     fps: int = 7
     seed: int = 0
 
@@ -367,6 +371,7 @@ _CHOICES = {
     "text_encoder.dtype": ("float32", "bfloat16"),
     "text_encoder.param_dtype": ("float32", "bfloat16"),
     "sample.guidance_schedule": ("insvie", "cosine", "constant"),
+    "sample.sampler": ("dpmpp_2m_sde", "cogvideox_dpm", "ddim"),
 }
 
 
@@ -411,5 +416,8 @@ def validate(config: Config) -> None:
         raise ConfigError(
             f"text_encoder.max_length={config.text_encoder.max_length} must equal model.text_length={m.text_length}"
         )
+    if not 1 <= config.sample.steps <= config.diffusion.num_train_timesteps:
+        raise ConfigError(f"sample.steps={config.sample.steps} must be between 1 and diffusion.num_train_timesteps "
+                          f"({config.diffusion.num_train_timesteps})")
     if config.lora.enabled and config.lora.rank <= 0:
         raise ConfigError(f"lora.rank={config.lora.rank} must be positive")
