@@ -75,8 +75,11 @@ def read_module(path: str | Path, progress: Callable[[Iterable, str], Iterable] 
                 raise
             saved = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        unsupported = [line.strip() for line in str(err).splitlines() if "Unsupported global" in line]
+        if not unsupported:
+            raise NotACheckpoint(f"{file} is not a readable PyTorch checkpoint (not a torch pickle)") from err
         raise NotACheckpoint(
-            f"{file} holds Python objects that weights-only loading refuses ({str(err).splitlines()[0]}); "
+            f"{file} holds Python objects that weights-only loading refuses ({unsupported[0].split('.')[0]}); "
             "re-save it as {'module': state_dict} with tensors only"
         ) from err
     except (RuntimeError, EOFError) as err:
