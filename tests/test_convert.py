@@ -10,6 +10,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -241,8 +242,25 @@ def test_bf16_export_keeps_bf16_values(sat_dir, tmp_path):
     assert all(v.dtype == torch.bfloat16 for v in module.values())
     back, back_cfg = api.read_flat(out)  # the bf16 table still reads as the same positions
     assert back_cfg == cfg
-    key = "blocks.attn.qkv.kernel"
-    np.testing.assert_array_equal(back[key], flat[key].astype(np.float32).astype("bfloat16").astype(np.float32))
+    for fmt in ("native", "diffusers"):
+        again, _ = api.read_flat(api.write_flat(back, cfg, tmp_path / fmt, fmt, dtype="bf16"))
+        for key in flat:
+            rounded = flat[key].astype(ml_dtypes.bfloat16)
+            np.testing.assert_array_equal(np.asarray(back[key]), rounded, err_msg=key)
+            np.testing.assert_array_equal(np.asarray(again[key]), rounded, err_msg=f"{fmt} {key}")
+
+
+def test_text_to_video_sat_loads_as_the_fresh_edit_model(ref, tmp_path):
+    """A checkpoint with only the 16-channel `proj` is initialised as InsViE does: source channels zero."""
+    sat = hf2sat(ref, CFG, seed=2)
+    for kind in ("weight", "bias"):
+        del sat[f"{PREFIX}mixins.patch_embed.proj_edit.{kind}"]
+    flat, cfg = api.read_flat(save_sat(sat, tmp_path / "t2v"))
+    kernel = flat["patch_embed.proj_edit.kernel"]  # (p, p, 2C, D)
+    np.testing.assert_array_equal(kernel[:, :, :CFG.in_channels],
+                                  sat[PREFIX + "mixins.patch_embed.proj.weight"].numpy().transpose(2, 3, 1, 0))
+    assert not kernel[:, :, CFG.in_channels:].any()
+    np.testing.assert_array_equal(flat["patch_embed.proj_edit.bias"], sat[PREFIX + "mixins.patch_embed.proj.bias"])
 
 
 def test_lora_checkpoint_loads_merged(ref, tmp_path):

@@ -283,25 +283,22 @@ def write_flat(flat: dict[str, np.ndarray], cfg: ModelConfig, path: str | Path, 
     if path.exists():
         raise FileExistsError(f"{path} exists; remove it or choose another destination")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}")
     try:
         if format == "native":
             _write_native(_cast(flat, dtype, progress), cfg, tmp, progress)
         elif format == "diffusers":
             sd = diffusers_keys.transformer_to_diffusers(flat, cfg)
             _write_diffusers(_cast(sd, dtype, progress), cfg, tmp, progress, max_shard_bytes)
-        else:
-            sat.write_module({sat_keys.PREFIX + k: v for k, v in sat_keys.transformer_to_sat(flat, cfg).items()},
-                             tmp.with_suffix(".pt") if path.suffix == ".pt" else tmp, dtype, progress)
-            if path.suffix == ".pt":
-                tmp = tmp.with_suffix(".pt")
+        else:  # a `.pt` destination gets the file alone, a folder SAT's layout
+            sd = sat_keys.transformer_to_sat(flat, cfg)
+            sat.write_module({sat_keys.PREFIX + k: v for k, v in sd.items()}, tmp, dtype, progress)
         os.replace(tmp, path)
     finally:
-        for leftover in (tmp, tmp.with_suffix(".pt")):
-            if leftover.is_dir():
-                shutil.rmtree(leftover)
-            elif leftover.exists():
-                leftover.unlink()
+        if tmp.is_dir():
+            shutil.rmtree(tmp)
+        elif tmp.exists():
+            tmp.unlink()
     return path
 
 
