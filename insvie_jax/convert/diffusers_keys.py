@@ -7,6 +7,8 @@ patch kernel (kh, kw, in, out), per-layer parameters stacked on a leading `layer
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from insvie_jax.config import ModelConfig
@@ -152,3 +154,37 @@ def diffusers_config(cfg: ModelConfig) -> dict:
         "use_rotary_positional_embeddings": cfg.positions == "rope",
         "use_learned_positional_embeddings": False,
     }
+
+
+# diffusers config values our model does not implement -> the value it must have.
+_FIXED = {
+    "flip_sin_to_cos": True, "freq_shift": 0, "attention_bias": True, "activation_fn": "gelu-approximate",
+    "timestep_activation_fn": "silu", "norm_elementwise_affine": True, "use_learned_positional_embeddings": False,
+    "patch_size_t": None,
+}
+
+
+def config_from_diffusers(config: dict, base: ModelConfig | None = None) -> ModelConfig:
+    """ModelConfig of a `CogVideoXTransformer3DModel` config.json (the inverse of `diffusers_config`).
+
+    A 16-channel (text-to-video) config gives in_channels 16 with `in_channels` read as the per-stream count.
+    """
+    for key, want in _FIXED.items():
+        if config.get(key, want) != want:
+            raise ValueError(f"diffusers config {key}={config[key]!r} is not supported (only {want!r})")
+    base = base or ModelConfig()
+    defaults = diffusers_config(base)
+    get = lambda key: config.get(key, defaults[key])  # noqa: E731
+    in_channels = get("in_channels")
+    return dataclasses.replace(
+        base,
+        num_attention_heads=get("num_attention_heads"), attention_head_dim=get("attention_head_dim"),
+        in_channels=in_channels // 2 if in_channels != get("out_channels") else in_channels,
+        out_channels=get("out_channels"), time_embed_dim=get("time_embed_dim"), text_embed_dim=get("text_embed_dim"),
+        num_layers=get("num_layers"), sample_width=get("sample_width"), sample_height=get("sample_height"),
+        sample_frames=get("sample_frames"), patch_size=get("patch_size"),
+        temporal_compression=get("temporal_compression_ratio"), text_length=get("max_text_seq_length"),
+        norm_eps=get("norm_eps"), spatial_interpolation_scale=float(get("spatial_interpolation_scale")),
+        temporal_interpolation_scale=float(get("temporal_interpolation_scale")),
+        positions="rope" if get("use_rotary_positional_embeddings") else "sincos",
+    )

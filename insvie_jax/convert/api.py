@@ -1,0 +1,346 @@
+"""Load and save the editing transformer in three formats, detected from the path.
+
+- `sat`: InsViE's release (SwissArmyTransformer): `<dir>/latest` + `<dir>/<iter>/mp_rank_00_model_states.pt`,
+  or the `.pt` itself. No sizes are stored: they are read from the tensors, or from `--sat-config` (the yaml).
+- `diffusers`: `config.json` + `diffusion_pytorch_model.safetensors` (sharded with an index when large), or a
+  pipeline folder with `transformer/`; `CogVideoXTransformer3DModel.from_pretrained` loads what we write.
+- `native`: `config.json` (our ModelConfig) + `params/`, an orbax checkpoint of the flat parameters.
+
+Everything passes through flat `{"a.b.kernel": np.ndarray}` params; writes go to a temporary sibling that
+is renamed into place at the end, so an interrupted write leaves nothing half-written under the target name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Callable, Iterable
+
+import ml_dtypes
+import numpy as np
+import yaml
+
+from insvie_jax import config as config_lib
+from insvie_jax.config import ModelConfig
+from insvie_jax.convert import diffusers_keys, sat, sat_keys
+from insvie_jax.convert.sat import NotACheckpoint
+from insvie_jax.models import transformer as tr
+from insvie_jax.models.params import ParamMismatch, check_params, flat_params
+
+FORMATS = ("native", "sat", "diffusers")
+DTYPES = {"fp32": np.float32, "bf16": ml_dtypes.bfloat16, "fp16": np.float16}
+NATIVE_FORMAT = "insvie-jax-transformer"
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+WEIGHTS_INDEX = WEIGHTS + ".index.json"
+MAX_SHARD_BYTES = 10 * 2**30  # diffusers' default shard size
+PRESETS = ("cogvideox-2b-edit", "cogvideox-5b-edit", "tiny")
+
+Progress = Callable[[Iterable, str], Iterable]
+
+
+def _quiet(iterable, desc):
+    return iterable
+
+
+# ---------------------------------------------------------------------------------------------------
+# Format detection and checks
+
+
+def detect_format(path: str | Path) -> str:
+    path = Path(path)
+    if not path.exists():
+        raise NotACheckpoint(f"checkpoint path does not exist: {path}")
+    if sat.is_sat(path):
+        return "sat"
+    if (path / WEIGHTS).is_file() or (path / WEIGHTS_INDEX).is_file() or (path / "transformer" / WEIGHTS).is_file() \
+            or (path / "transformer" / WEIGHTS_INDEX).is_file():
+        return "diffusers"
+    if (path / "config.json").is_file() and (path / "params").is_dir():
+        return "native"
+    raise NotACheckpoint(
+        f"{path} is not a transformer checkpoint: expected a SAT folder ('latest' + <iter>/{sat.STATES_FILE}) or "
+        f".pt file, a diffusers folder (config.json + {WEIGHTS}[.index.json]) or a native folder "
+        "(config.json + params/)"
+    )
+
+
+def _shapes_of(model) -> dict[str, tuple]:
+    """Parameter shapes of a model, abstract (`transformer.abstract`) or not."""
+    from flax import nnx
+
+    state = nnx.state(model, nnx.Param)
+    return {".".join(str(k) for k in path): tuple(v.get_value().shape) for path, v in nnx.to_flat_state(state)}
+
+
+def _preset_hint(found: dict[str, tuple]) -> str:
+    """Names the shipped preset whose parameter shapes the checkpoint has, if any."""
+    for name in PRESETS:
+        cfg = config_lib.load(name).model
+        if _shapes_of(tr.abstract(cfg)) == found:
+            return f"\nthe tensors fit preset '{name}' (configs/{name}.yaml): use that config"
+    return ""
+
+
+def check_flat(flat: dict[str, np.ndarray], cfg: ModelConfig, what: str) -> None:
+    """Names missing, unexpected and wrongly shaped parameters, and the preset the tensors do fit."""
+    found = {k: tuple(np.shape(v)) for k, v in flat.items()}
+    try:
+        check_params(_shapes_of(tr.abstract(cfg)), found, what)
+    except ParamMismatch as err:
+        raise ParamMismatch(str(err) + _preset_hint(found)) from None
+
+
+def _edit_from_t2v(flat: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """A text-to-video patch kernel (C input channels) becomes the edit kernel as InsViE initialises it:
+    the noisy-stream channels copied, the source channels zero (the model ignores the source at first)."""
+    kernel = flat["patch_embed.proj_edit.kernel"]
+    if kernel.shape[2] == cfg.in_channels:
+        edit = np.zeros((*kernel.shape[:2], 2 * cfg.in_channels, kernel.shape[3]), kernel.dtype)
+        edit[:, :, :cfg.in_channels] = kernel
+        flat = {**flat, "patch_embed.proj_edit.kernel": edit}
+    return flat
+
+
+# ---------------------------------------------------------------------------------------------------
+# Readers: path -> (flat params, config)
+
+
+def _read_sat(path: Path, sat_config, merge_lora: bool, progress: Progress):
+    sd = sat_keys.strip_prefix(sat.read_module(path, progress))
+    if sat_keys.has_lora(sd):
+        if not merge_lora:
+            raise ValueError(
+                f"{path} holds LoRA adapters (matrix_A/matrix_B); our transformer loads merged weights: "
+                "pass merge_lora=True (CLI: --merge-lora)"
+            )
+        sd = sat_keys.merge_lora(sd)
+    if "mixins.patch_embed.proj_edit.weight" not in sd and f"{sat_keys.T2V_PROJ}.weight" in sd:
+        sd = {**sd, **{f"mixins.patch_embed.proj_edit.{k}": sd[f"{sat_keys.T2V_PROJ}.{k}"] for k in ("weight", "bias")}}
+    if sat_config is not None and not isinstance(sat_config, dict):
+        sat_config = yaml.safe_load(Path(sat_config).read_text())
+    cfg = sat_keys.infer_config(sd, sat_config)
+    sd = sat_keys.loadable_keys(sd)
+    # The 16-channel `proj` is dead weight in the edit model (and absent from a 5B-style file): not checked.
+    expected = sat_keys.sat_shapes(cfg)
+    sd = {k: v for k, v in sd.items() if not k.startswith(sat_keys.T2V_PROJ + ".")}
+    expected = {k: v for k, v in expected.items() if not k.startswith(sat_keys.T2V_PROJ + ".")}
+    found = {k: tuple(v.shape) for k, v in sd.items()}
+    if found.get("mixins.patch_embed.proj_edit.weight", (0, 0))[1:2] == (cfg.in_channels,):
+        expected["mixins.patch_embed.proj_edit.weight"] = found["mixins.patch_embed.proj_edit.weight"]
+    try:
+        check_params(expected, found, f"SAT checkpoint {path}")
+    except ParamMismatch as err:
+        flat_shapes = _sat_as_flat_shapes(found)
+        raise ParamMismatch(str(err) + (_preset_hint(flat_shapes) if flat_shapes else "")) from None
+    flat = sat_keys.transformer_from_sat(sd, cfg)
+    return _edit_from_t2v(flat, cfg), cfg
+
+
+def _sat_as_flat_shapes(found: dict[str, tuple]) -> dict[str, tuple] | None:
+    """Our parameter shapes for a SAT file's tensors (for the preset hint), when its own sizes are consistent."""
+    try:
+        return _shapes_of(tr.abstract(sat_keys.shape_config(found)))
+    except (sat_keys.SatFormatError, ValueError, ZeroDivisionError):
+        return None
+
+
+def _diffusers_dir(path: Path) -> Path:
+    return path / "transformer" if not (path / "config.json").is_file() and (path / "transformer").is_dir() else path
+
+
+def _read_diffusers(path: Path, progress: Progress):
+    from safetensors import safe_open
+
+    path = _diffusers_dir(path)
+    config = json.loads((path / "config.json").read_text())
+    if config.get("_class_name", "CogVideoXTransformer3DModel") != "CogVideoXTransformer3DModel":
+        raise NotACheckpoint(f"{path}/config.json describes a {config['_class_name']}, not the CogVideoX transformer")
+    cfg = diffusers_keys.config_from_diffusers(config)
+    if (path / WEIGHTS_INDEX).is_file():
+        files = sorted(set(json.loads((path / WEIGHTS_INDEX).read_text())["weight_map"].values()))
+    else:
+        files = [WEIGHTS]
+    sd = {}
+    for name in files:
+        with safe_open(path / name, framework="numpy") as f:
+            for key in progress(list(f.keys()), f"read {name}"):
+                sd[key] = f.get_tensor(key)
+    sd.pop("patch_embed.pos_embedding", None)  # a recomputed buffer
+    expected = _diffusers_names(cfg)
+    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
+    if missing or unexpected:
+        raise ParamMismatch(f"diffusers checkpoint {path} does not fit its config.json:\nmissing ({len(missing)}): "
+                            f"{', '.join(missing[:20])}\nunexpected ({len(unexpected)}): {', '.join(unexpected[:20])}")
+    try:
+        flat = diffusers_keys.transformer_from_diffusers(sd, cfg)
+    except ValueError as err:  # a tensor that cannot take its layout in our model
+        raise ParamMismatch(f"diffusers checkpoint {path}: tensor shapes do not fit its config.json ({err})") from None
+    flat = _edit_from_t2v(flat, cfg)
+    check_flat(flat, cfg, f"diffusers checkpoint {path}")
+    return flat, cfg
+
+
+def _diffusers_names(cfg: ModelConfig) -> set[str]:
+    """The state-dict names of a diffusers transformer with cfg's layer count (names depend on nothing else)."""
+    small = dataclasses.replace(cfg, num_attention_heads=1, attention_head_dim=16, text_embed_dim=1,
+                                time_embed_dim=1, in_channels=1, out_channels=1, mlp_ratio=1.0)
+    shapes = _shapes_of(tr.abstract(small))
+    return set(diffusers_keys.transformer_to_diffusers({k: np.zeros(s, np.float32) for k, s in shapes.items()}, small))
+
+
+def _read_native(path: Path, progress: Progress):
+    import orbax.checkpoint as ocp
+
+    meta = json.loads((path / "config.json").read_text())
+    if meta.get("format") != NATIVE_FORMAT:
+        raise NotACheckpoint(f"{path}/config.json is not an insvie-jax transformer config (format {meta.get('format')!r})")
+    cfg = config_lib.from_dict({"model": meta["model"]}).model
+    restored = ocp.PyTreeCheckpointer().restore((path / "params").absolute())
+    flat = {k: np.asarray(v) for k, v in progress(restored.items(), "read native")}
+    check_flat(flat, cfg, f"native checkpoint {path}")
+    return flat, cfg
+
+
+def read_flat(path: str | Path, sat_config=None, merge_lora: bool = True,
+              progress: Progress = _quiet) -> tuple[dict[str, np.ndarray], ModelConfig]:
+    """Flat params and ModelConfig of a checkpoint in any format (detected). `sat_config`: SAT yaml path or dict."""
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "sat":
+        return _read_sat(path, sat_config, merge_lora, progress)
+    if fmt == "diffusers":
+        return _read_diffusers(path, progress)
+    return _read_native(path, progress)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writers: (flat params, config) -> path
+
+
+def _cast(flat: dict[str, np.ndarray], dtype: str, progress: Progress) -> dict[str, np.ndarray]:
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    return {k: np.asarray(v).astype(DTYPES[dtype], copy=False) for k, v in progress(flat.items(), f"cast {dtype}")}
+
+
+def _write_native(flat, cfg: ModelConfig, out: Path, progress: Progress) -> None:
+    import orbax.checkpoint as ocp
+
+    out.mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps({"format": NATIVE_FORMAT, "model": dataclasses.asdict(cfg)}, indent=2))
+    checkpointer = ocp.PyTreeCheckpointer()
+    checkpointer.save((out / "params").absolute(), dict(progress(flat.items(), "write native")))
+
+
+def _write_diffusers(sd: dict[str, np.ndarray], cfg: ModelConfig, out: Path, progress: Progress,
+                     max_shard_bytes: int) -> None:
+    from safetensors.numpy import save_file
+
+    out.mkdir(parents=True)
+    config = {**diffusers_keys.diffusers_config(cfg), "_diffusers_version": _diffusers_version()}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    shards: list[dict] = [{}]
+    size = 0
+    for key in sorted(sd):
+        nbytes = sd[key].nbytes
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = sd[key]
+        size += nbytes
+    if len(shards) == 1:
+        save_file(dict(progress(shards[0].items(), "write diffusers")), out / WEIGHTS, metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = WEIGHTS.replace(".safetensors", f"-{i + 1:05d}-of-{len(shards):05d}.safetensors")
+        save_file(dict(progress(shard.items(), f"write {name}")), out / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    index = {"metadata": {"total_size": sum(v.nbytes for v in sd.values())}, "weight_map": weight_map}
+    (out / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2))
+
+
+def _diffusers_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("diffusers")
+    except Exception:  # diffusers is not needed to write its format
+        return "0.30.0"
+
+
+def write_flat(flat: dict[str, np.ndarray], cfg: ModelConfig, path: str | Path, format: str = "native",
+               dtype: str = "fp32", progress: Progress = _quiet, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Writes `flat` in `format` to `path` via a temporary sibling renamed at the end; returns the path."""
+    if format not in FORMATS:
+        raise ValueError(f"format {format!r}: expected one of {', '.join(FORMATS)}")
+    check_flat(flat, cfg, "parameters to save")
+    path = Path(path).absolute()
+    if path.exists():
+        raise FileExistsError(f"{path} exists; remove it or choose another destination")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}")
+    try:
+        if format == "native":
+            _write_native(_cast(flat, dtype, progress), cfg, tmp, progress)
+        elif format == "diffusers":
+            sd = diffusers_keys.transformer_to_diffusers(flat, cfg)
+            _write_diffusers(_cast(sd, dtype, progress), cfg, tmp, progress, max_shard_bytes)
+        else:  # a `.pt` destination gets the file alone, a folder SAT's layout
+            sd = sat_keys.transformer_to_sat(flat, cfg)
+            sat.write_module({sat_keys.PREFIX + k: v for k, v in sd.items()}, tmp, dtype, progress)
+        os.replace(tmp, path)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp)
+        elif tmp.exists():
+            tmp.unlink()
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public API
+
+
+def model_from_flat(flat: dict[str, np.ndarray], cfg: ModelConfig) -> tr.EditTransformer:
+    """The model built straight from `flat` (no random initialisation of the full-size weights first)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    check_flat(flat, cfg, "parameters")
+    graphdef, params, rest = nnx.split(tr.abstract(cfg), nnx.Param, ...)
+    for path, var in nnx.to_flat_state(params):
+        key = ".".join(str(k) for k in path)
+        var.set_value(jnp.asarray(flat[key], var.get_value().dtype))
+    return nnx.merge(graphdef, params, rest)
+
+
+def load_transformer(path: str | Path, sat_config=None, merge_lora: bool = True):
+    """(EditTransformer, ModelConfig) from a SAT, diffusers or native checkpoint (format detected)."""
+    flat, cfg = read_flat(path, sat_config, merge_lora)
+    return model_from_flat(flat, cfg), cfg
+
+
+def save_transformer(model, config: ModelConfig, path: str | Path, format: str = "native",
+                     dtype: str = "fp32") -> Path:
+    """Writes the model's parameters as `format` ("native" | "sat" | "diffusers") in `dtype` ("fp32" | "bf16")."""
+    return write_flat(flat_params(model), config, path, format, dtype)
+
+
+def convert_main(src: str, dst: str, to: str = "native", dtype: str = "fp32", merge_lora: bool = False,
+                 sat_config: str | None = None) -> Path:
+    """`insvie-jax convert SRC DST --to FORMAT`: converts without building the model, with progress bars."""
+    from tqdm import tqdm
+
+    def progress(iterable, desc):
+        items = list(iterable)
+        return tqdm(items, desc=desc, unit="tensor", leave=False)
+
+    flat, cfg = read_flat(src, sat_config, merge_lora, progress)
+    out = write_flat(flat, cfg, dst, to, dtype, progress)
+    print(f"{src} -> {out} ({to}, {dtype}): {len(flat)} tensors, {sum(v.size for v in flat.values()):,} parameters")
+    return out
