@@ -1,3 +1,25 @@
-"""insvie-jax: instruction-based video editing (InsViE / CogVideoX) in JAX and Flax NNX."""
+"""insvie-jax: instruction-based video editing (InsViE / CogVideoX) in JAX and Flax NNX.
+
+Public API (imported on first use, so `import insvie_jax` stays light):
+`load_transformer(path) -> (model, config)`, `save_transformer(model, config, path, format=...)`,
+`load_t5(path) -> (model, config)`; configs through `insvie_jax.config.load(path, overrides)`.
+"""
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "load_transformer": "insvie_jax.convert.api",
+    "save_transformer": "insvie_jax.convert.api",
+    "load_t5": "insvie_jax.convert.t5_keys",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'insvie_jax' has no attribute {name!r}")
+
+
+__all__ = list(_LAZY)

@@ -42,6 +42,14 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from insvie_jax.convert import convert_main
+
+    convert_main(args.src, args.dst, to=args.to, dtype=args.dtype, merge_lora=args.merge_lora,
+                 sat_config=args.sat_config)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="insvie-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -51,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("config", help="print the resolved config")
     _config_args(show)
     show.set_defaults(func=cmd_config)
+    convert = sub.add_parser("convert", help="convert a transformer checkpoint between SAT, diffusers and native")
+    convert.add_argument("src", help="SAT folder or .pt, diffusers folder, or native folder (format detected)")
+    convert.add_argument("dst", help="output folder (or .pt for SAT); must not exist")
+    convert.add_argument("--to", choices=("native", "sat", "diffusers"), default="native")
+    convert.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    convert.add_argument("--merge-lora", action="store_true", help="merge SAT LoRA adapters into the weights")
+    convert.add_argument("--sat-config", help="SAT model yaml, when the shapes cannot tell the config")
+    convert.set_defaults(func=cmd_convert)
     return parser
 
 
@@ -60,9 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from insvie_jax.convert.sat import NotACheckpoint
+    from insvie_jax.models.params import ParamMismatch
+
     try:
         return args.func(args)
-    except configlib.ConfigError as err:
+    except (configlib.ConfigError, NotACheckpoint, ParamMismatch, FileNotFoundError, FileExistsError) as err:
         print(f"insvie-jax: {err}", file=sys.stderr)
         return 2
 

@@ -407,15 +407,6 @@ def validate(config: Config) -> None:
             "model.dtype=float16 is refused for 5B-size models (CogVideoX-5B overflows to NaN in fp16): "
             "use model.dtype=bfloat16"
         )
-    if config.text_encoder.d_model != m.text_embed_dim:
-        raise ConfigError(
-            f"text_encoder.d_model={config.text_encoder.d_model} must equal model.text_embed_dim={m.text_embed_dim} "
-            "(the transformer projects the encoder's output)"
-        )
-    if config.text_encoder.max_length != m.text_length:
-        raise ConfigError(
-            f"text_encoder.max_length={config.text_encoder.max_length} must equal model.text_length={m.text_length}"
-        )
     if not 1 <= config.sample.steps <= config.diffusion.num_train_timesteps:
         raise ConfigError(f"sample.steps={config.sample.steps} must be between 1 and diffusion.num_train_timesteps "
                           f"({config.diffusion.num_train_timesteps})")

@@ -22,7 +22,7 @@ from insvie_jax.convert import api, sat_keys  # noqa: E402
 from insvie_jax.convert.diffusers_keys import diffusers_config, transformer_from_diffusers  # noqa: E402
 from insvie_jax.convert.sat import NotACheckpoint  # noqa: E402
 from insvie_jax.models import transformer as tr  # noqa: E402
-from insvie_jax.models.params import ParamMismatch  # noqa: E402
+from insvie_jax.models.params import ParamMismatch, param_shapes  # noqa: E402
 
 FORWARD_TOL = 1e-5
 TABLE_TOL = 1e-6  # our exported sin-cos table vs diffusers' (float32 on both sides)
@@ -337,7 +337,7 @@ def test_checkpoint_of_another_size_names_the_preset_it_fits(sat_dir, tmp_path):
     from insvie_jax.config import load
 
     tiny = load("tiny").model
-    flat = {k: np.zeros(s, np.float32) for k, s in api._shapes_of(tr.abstract(tiny)).items()}
+    flat = {k: np.zeros(s, np.float32) for k, s in param_shapes(tr.abstract(tiny)).items()}
     path = api.write_flat(flat, tiny, tmp_path / "tiny_sat", "sat")
     two_b = {"model": {"network_config": {"params": {"num_layers": 30, "hidden_size": 1920,
                                                      "num_attention_heads": 30}}}}
@@ -345,7 +345,7 @@ def test_checkpoint_of_another_size_names_the_preset_it_fits(sat_dir, tmp_path):
         api.read_flat(path, sat_config=two_b)
     # The 5B shapes against the 2B config, without memory: zero-stride arrays of the 5B shapes.
     five_b = load("cogvideox-5b-edit").model
-    big = {k: np.broadcast_to(np.float32(0), s) for k, s in api._shapes_of(tr.abstract(five_b)).items()}
+    big = {k: np.broadcast_to(np.float32(0), s) for k, s in param_shapes(tr.abstract(five_b)).items()}
     with pytest.raises(ParamMismatch, match=r"(?s)expected \(30, 1920, 3, 30, 64\).*preset 'cogvideox-5b-edit'"):
         api.check_flat(big, load("cogvideox-2b-edit").model, "checkpoint")
 

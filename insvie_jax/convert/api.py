@@ -29,7 +29,7 @@ from insvie_jax.config import ModelConfig
 from insvie_jax.convert import diffusers_keys, sat, sat_keys
 from insvie_jax.convert.sat import NotACheckpoint
 from insvie_jax.models import transformer as tr
-from insvie_jax.models.params import ParamMismatch, check_params, flat_params
+from insvie_jax.models.params import ParamMismatch, check_params, flat_params, param_shapes
 
 FORMATS = ("native", "sat", "diffusers")
 DTYPES = {"fp32": np.float32, "bf16": ml_dtypes.bfloat16, "fp16": np.float16}
@@ -68,19 +68,11 @@ def detect_format(path: str | Path) -> str:
     )
 
 
-def _shapes_of(model) -> dict[str, tuple]:
-    """Parameter shapes of a model, abstract (`transformer.abstract`) or not."""
-    from flax import nnx
-
-    state = nnx.state(model, nnx.Param)
-    return {".".join(str(k) for k in path): tuple(v.get_value().shape) for path, v in nnx.to_flat_state(state)}
-
-
 def _preset_hint(found: dict[str, tuple]) -> str:
     """Names the shipped preset whose parameter shapes the checkpoint has, if any."""
     for name in PRESETS:
         cfg = config_lib.load(name).model
-        if _shapes_of(tr.abstract(cfg)) == found:
+        if param_shapes(tr.abstract(cfg)) == found:
             return f"\nthe tensors fit preset '{name}' (configs/{name}.yaml): use that config"
     return ""
 
@@ -89,7 +81,7 @@ def check_flat(flat: dict[str, np.ndarray], cfg: ModelConfig, what: str) -> None
     """Names missing, unexpected and wrongly shaped parameters, and the preset the tensors do fit."""
     found = {k: tuple(np.shape(v)) for k, v in flat.items()}
     try:
-        check_params(_shapes_of(tr.abstract(cfg)), found, what)
+        check_params(param_shapes(tr.abstract(cfg)), found, what)
     except ParamMismatch as err:
         raise ParamMismatch(str(err) + _preset_hint(found)) from None
 
@@ -143,7 +135,7 @@ def _read_sat(path: Path, sat_config, merge_lora: bool, progress: Progress):
 def _sat_as_flat_shapes(found: dict[str, tuple]) -> dict[str, tuple] | None:
     """Our parameter shapes for a SAT file's tensors (for the preset hint), when its own sizes are consistent."""
     try:
-        return _shapes_of(tr.abstract(sat_keys.shape_config(found)))
+        return param_shapes(tr.abstract(sat_keys.shape_config(found)))
     except (sat_keys.SatFormatError, ValueError, ZeroDivisionError):
         return None
 
@@ -188,7 +180,7 @@ def _diffusers_names(cfg: ModelConfig) -> set[str]:
     """The state-dict names of a diffusers transformer with cfg's layer count (names depend on nothing else)."""
     small = dataclasses.replace(cfg, num_attention_heads=1, attention_head_dim=16, text_embed_dim=1,
                                 time_embed_dim=1, in_channels=1, out_channels=1, mlp_ratio=1.0)
-    shapes = _shapes_of(tr.abstract(small))
+    shapes = param_shapes(tr.abstract(small))
     return set(diffusers_keys.transformer_to_diffusers({k: np.zeros(s, np.float32) for k, s in shapes.items()}, small))
 
 

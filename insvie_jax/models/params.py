@@ -13,8 +13,9 @@ def flat_params(model: nnx.Module) -> dict[str, np.ndarray]:
 
 
 def param_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of a model, abstract (`nnx.eval_shape`) or not."""
     state = nnx.state(model, nnx.Param)
-    return {".".join(str(k) for k in path): tuple(v[...].shape) for path, v in nnx.to_flat_state(state)}
+    return {".".join(str(k) for k in path): tuple(v.get_value().shape) for path, v in nnx.to_flat_state(state)}
 
 
 class ParamMismatch(ValueError):
