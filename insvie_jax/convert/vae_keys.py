@@ -14,11 +14,13 @@ import json
 import re
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from insvie_jax.config import VAEConfig
 from insvie_jax.models import vae as vae_model
-from insvie_jax.models.params import set_flat_params
+from insvie_jax.models.params import check_params
 
 # SAT -> diffusers renames, applied in this order to every key (CogVideo tools/convert_weight_sat2hf.py,
 # VAE_KEYS_RENAME_DICT); afterwards SAT's decoder `up.{i}` becomes `up_blocks.{n - 1 - i}` and `loss.*` goes.
@@ -198,6 +200,19 @@ def _config_from_shapes(sd: dict[str, np.ndarray], base: VAEConfig) -> VAEConfig
     }, base)
 
 
+def vae_with_params(cfg: VAEConfig, flat: dict[str, np.ndarray], what: str = "VAE checkpoint"):
+    """Our VAE holding `flat` (our names), built without drawing random weights first."""
+    model = nnx.eval_shape(lambda: vae_model.CogVideoXVAE(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    flat_state = nnx.to_flat_state(state)
+    check_params({".".join(map(str, path)): v.shape for path, v in flat_state},
+                 {k: np.shape(v) for k, v in flat.items()}, what)
+    for path, var in flat_state:
+        abstract = var.get_value()
+        var.set_value(jnp.asarray(np.asarray(flat[".".join(map(str, path))], abstract.dtype)))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat_state))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Readers
 
@@ -254,6 +269,4 @@ def load_vae(path: str | Path, cfg: VAEConfig | None = None) -> tuple[vae_model.
         config = diffusers_vae_config(vae_cfg)
     else:
         raise ValueError(f"VAE path {path}: expected a diffusers vae/ folder or a SAT 3d-vae.pt file")
-    model = vae_model.build(vae_cfg)
-    set_flat_params(model, vae_from_diffusers(sd), what=f"VAE checkpoint {path}")
-    return model, config
+    return vae_with_params(vae_cfg, vae_from_diffusers(sd), what=f"VAE checkpoint {path}"), config

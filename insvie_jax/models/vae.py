@@ -22,7 +22,8 @@ from insvie_jax.models.layers import param
 
 _CONV3D = ("NDHWC", "DHWIO", "NDHWC")
 _CONV2D = ("NHWC", "HWIO", "NHWC")
-_KERNEL_INIT = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+# PyTorch's default convolution init, uniform in ±1/sqrt(fan_in); cheap to draw for random-weight models.
+_KERNEL_INIT = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 
 def _dtypes(cfg: VAEConfig):
@@ -368,37 +369,35 @@ class CogVideoXVAE(nnx.Module):
     tiles). Pure JAX: wrap in `nnx.jit` (e.g. `nnx.jit(lambda vae, v: vae.encode(v).mean)`)."""
 
     def __init__(self, cfg: VAEConfig, *, rngs: nnx.Rngs):
-        self.cfg = cfg
+        # Plain (hashable) settings only: the module's static structure may be a `jax.jit` static argument.
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.encode_frame_batch, self.decode_frame_batch = cfg.encode_frame_batch, cfg.decode_frame_batch
+        self.tiling = cfg.tiling
+        self.tile_sample = (cfg.tile_sample_height, cfg.tile_sample_width)
+        self.tile_latent = tuple(int(s / cfg.spatial_compression) for s in self.tile_sample)
+        self.tile_overlap = (cfg.tile_overlap_height, cfg.tile_overlap_width)
         self.encoder = Encoder3D(cfg, rngs=rngs)
         self.decoder = Decoder3D(cfg, rngs=rngs)
 
     def _tile_plan(self, tile: tuple[int, int], out_tile: tuple[int, int]):
-        """Stride, blend extent and kept size of diffusers' tiling, for tiles of `tile` giving `out_tile`."""
-        cfg = self.cfg
-        overlap = (cfg.tile_overlap_height, cfg.tile_overlap_width)
-        stride = tuple(int(t * (1 - o)) for t, o in zip(tile, overlap))
-        blend = tuple(int(t * o) for t, o in zip(out_tile, overlap))
+        """Stride, blend extent and kept size of diffusers' tiling, for input tiles `tile` giving `out_tile`."""
+        stride = tuple(int(t * (1 - o)) for t, o in zip(tile, self.tile_overlap))
+        blend = tuple(int(t * o) for t, o in zip(out_tile, self.tile_overlap))
         keep = tuple(t - b for t, b in zip(out_tile, blend))
         if min(stride) < 1:
-            raise ValueError(f"VAE tiles {tile} with overlaps {overlap} do not advance: lower vae.tile_overlap_*")
+            raise ValueError(f"VAE tiles {tile} with overlaps {self.tile_overlap} do not advance: lower "
+                             "vae.tile_overlap_height/width")
         return stride, blend, keep
-
-    def _tiles(self):
-        cfg = self.cfg
-        sample = (cfg.tile_sample_height, cfg.tile_sample_width)
-        latent = tuple(int(s / cfg.spatial_compression) for s in sample)
-        return sample, latent
 
     def encode(self, video) -> Posterior:
         """video (B, F, H, W, 3) in [-1, 1] -> posterior over latents (B, (F - 1) / 4 + 1, H / 8, W / 8, C)."""
-        cfg = self.cfg
-        x = video.astype(jnp.dtype(cfg.dtype))
-        sample, latent = self._tiles()
+        x = video.astype(self.dtype)
 
         def encode_frames(v):
-            return _frame_batched(self.encoder, v, cfg.encode_frame_batch)
+            return _frame_batched(self.encoder, v, self.encode_frame_batch)
 
-        if cfg.tiling and (x.shape[2] > sample[0] or x.shape[3] > sample[1]):
+        sample, latent = self.tile_sample, self.tile_latent
+        if self.tiling and (x.shape[2] > sample[0] or x.shape[3] > sample[1]):
             moments = _tiled(encode_frames, x, sample, *self._tile_plan(sample, latent))
         else:
             moments = encode_frames(x)
@@ -406,18 +405,19 @@ class CogVideoXVAE(nnx.Module):
         return Posterior(mean, jnp.clip(logvar, -30.0, 20.0))
 
     def decode(self, latents) -> jax.Array:
-        """latents (B, f, h, w, C), unscaled -> video (B, 4 (f - 1) + 1, 8 h, 8 w, 3), float32."""
-        cfg = self.cfg
-        z = latents.astype(jnp.dtype(cfg.dtype))
-        sample, latent = self._tiles()
+        """latents (B, f, h, w, C), unscaled -> video (B, F, 8 h, 8 w, 3), float32; F = 4 (f - 1) + 1 for odd f
+        (as CogVideoX makes them), 4 f for even f."""
+        z = latents.astype(self.dtype)
 
         def decode_frames(v):
-            return _frame_batched(self.decoder, v, cfg.decode_frame_batch)
+            return _frame_batched(self.decoder, v, self.decode_frame_batch)
 
-        if cfg.tiling and (z.shape[2] > latent[0] or z.shape[3] > latent[1]):
+        sample, latent = self.tile_sample, self.tile_latent
+        if self.tiling and (z.shape[2] > latent[0] or z.shape[3] > latent[1]):
             return _tiled(decode_frames, z, latent, *self._tile_plan(latent, sample))
         return decode_frames(z).astype(jnp.float32)
 
 
 def build(cfg: VAEConfig, seed: int = 0) -> CogVideoXVAE:
     return CogVideoXVAE(cfg, rngs=nnx.Rngs(seed))
+
