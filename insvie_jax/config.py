@@ -394,7 +394,9 @@ def _validate_vae(v: VAEConfig) -> None:
         if not 0 <= getattr(v, key) < 1:
             raise ConfigError(f"vae.{key}={getattr(v, key)} must be in [0, 1)")
     if min(v.tile_sample_height, v.tile_sample_width) < v.spatial_compression:
-        raise ConfigError(f"vae.tile_sample_height/width must be at least vae.spatial_compression={v.spatial_compression}")
+        raise ConfigError(
+            f"vae.tile_sample_height/width must be at least vae.spatial_compression={v.spatial_compression}"
+        )
 
 
 def validate(config: Config) -> None:

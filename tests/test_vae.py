@@ -1,7 +1,8 @@
 """The CogVideoX VAE equals diffusers' AutoencoderKLCogVideoX in each memory mode, and both checkpoint formats load.
 
-Tolerance: encode mean, encode std and decode each ≤1e-4 relative error ‖a−b‖/‖b‖, fp32 on CPU, against diffusers
-run in the same mode (all frames at once / 8-frame and 2-latent-frame batches with the causal-conv cache / tiles).
+Tolerance: encode mean, encode std and decode each ≤1e-4 relative error ‖a−b‖/‖b‖, fp32 on CPU, against
+diffusers run in the same mode (all frames at once / 8-frame and 2-latent-frame batches carrying the
+causal-conv cache / overlapping tiles).
 """
 
 from __future__ import annotations

@@ -162,7 +162,8 @@ def vae_config_from_diffusers(config: dict, base: VAEConfig | None = None) -> VA
     base = base or VAEConfig()
     unsupported = {k: config[k] for k, v in _FIXED_CONFIG.items() if k in config and config[k] != v}
     if unsupported:
-        raise ValueError(f"unsupported AutoencoderKLCogVideoX config {unsupported}: only {_FIXED_CONFIG} is implemented")
+        raise ValueError(f"unsupported AutoencoderKLCogVideoX config {unsupported}: only {_FIXED_CONFIG} "
+                         "is implemented")
     blocks = list(config.get("block_out_channels", base.block_out_channels))
     # diffusers derives the tile size from the config's sample size (half of it)
     tiles = {}

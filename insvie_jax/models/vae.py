@@ -33,10 +33,9 @@ def _dtypes(cfg: VAEConfig):
 class CausalConv3d(nnx.Module):
     """3D convolution, zero-padded in space, causal in time; returns (output, cache for the next batch)."""
 
-    def __init__(self, cin: int, cout: int, cfg: VAEConfig, *, rngs: nnx.Rngs, kernel_size: int = 3):
+    def __init__(self, cin: int, cout: int, cfg: VAEConfig, *, rngs: nnx.Rngs):
         pdt, self.dtype = _dtypes(cfg)
-        k = kernel_size
-        self.kernel = param(rngs, _KERNEL_INIT, (k, k, k, cin, cout), pdt, (None, None, None, "conv_in", "conv_out"))
+        self.kernel = param(rngs, _KERNEL_INIT, (3, 3, 3, cin, cout), pdt, (None, None, None, "conv_in", "conv_out"))
         self.bias = param(rngs, nnx.initializers.zeros, (cout,), pdt, ("conv_out",))
 
     def __call__(self, x, cache=None):
@@ -113,6 +112,13 @@ def _repeat_to(z, t: int, h: int, w: int):
     return z
 
 
+def _resize_latents(z, t: int, h: int, w: int):
+    """Latent-rate features to (t, h, w) as diffusers resizes the latents: an odd clip's first frame alone."""
+    if t > 1 and t % 2 == 1:
+        return jnp.concatenate([_repeat_to(z[:, :1], 1, h, w), _repeat_to(z[:, 1:], t - 1, h, w)], axis=1)
+    return _repeat_to(z, t, h, w)
+
+
 class SpatialNorm3D(nnx.Module):
     """Group norm of the features, then scale and shift computed from the latents resized to the features."""
 
@@ -122,12 +128,11 @@ class SpatialNorm3D(nnx.Module):
         self.conv_b = PointwiseConv(latent_channels, channels, cfg, rngs=rngs)
 
     def __call__(self, f, zq):
-        t, h, w = f.shape[1:4]
-        if t > 1 and t % 2 == 1:  # the first frame stands alone, as in the causal time compression
-            zq = jnp.concatenate([_repeat_to(zq[:, :1], 1, h, w), _repeat_to(zq[:, 1:], t - 1, h, w)], axis=1)
-        else:
-            zq = _repeat_to(zq, t, h, w)
-        return self.norm_layer(f) * self.conv_y(zq) + self.conv_b(zq)
+        # The 1x1x1 convolutions commute with nearest-neighbour resizing: run them at the latent rate (the same
+        # numbers as diffusers' resize-then-convolve, far less work) and let the resize fuse into the product.
+        size = f.shape[1:4]
+        scale, shift = _resize_latents(self.conv_y(zq), *size), _resize_latents(self.conv_b(zq), *size)
+        return self.norm_layer(f) * scale + shift
 
 
 class ResnetBlock3D(nnx.Module):
