@@ -68,11 +68,30 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class VAEConfig:
+    """The CogVideoX 3D causal VAE. Architecture names follow diffusers' `AutoencoderKLCogVideoX`; a loaded
+    checkpoint's own config.json replaces the architecture keys. The VAE returns unscaled latents:
+    `scaling_factor` is applied where latents enter or leave the diffusion model."""
+
     path: str = ""  # diffusers `vae/` folder or SAT `3d-vae.pt`; empty = random init (tests, tiny)
     scaling_factor: float = 1.15258426
     latent_channels: int = 16
-    spatial_compression: int = 8
+    spatial_compression: int = 8  # = 2 ** (len(block_out_channels) - 1)
     temporal_compression: int = 4
+    block_out_channels: list = dataclasses.field(default_factory=lambda: [128, 256, 256, 512])
+    layers_per_block: int = 3
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-6
+    # Memory modes; each gives the numbers of diffusers' same mode (the modes differ from each other slightly,
+    # because group norms see only the frames / tile of one pass).
+    encode_frame_batch: int = 8  # pixel frames per encoder pass, causal-conv cache carried over (diffusers: 8); 0 = all
+    decode_frame_batch: int = 2  # latent frames per decoder pass (diffusers: 2); 0 = all at once
+    tiling: bool = False  # spatial tiles with blended overlaps (diffusers `enable_tiling`)
+    tile_sample_height: int = 240  # pixel tile size (diffusers: half of sample_height/width 480x720)
+    tile_sample_width: int = 360
+    tile_overlap_height: float = 1 / 6
+    tile_overlap_width: float = 1 / 5
+    param_dtype: str = "float32"
+    dtype: str = "bfloat16"
 
 
 @dataclasses.dataclass
@@ -372,7 +391,33 @@ _CHOICES = {
     "text_encoder.param_dtype": ("float32", "bfloat16"),
     "sample.guidance_schedule": ("insvie", "cosine", "constant"),
     "sample.sampler": ("dpmpp_2m_sde", "cogvideox_dpm", "ddim"),
+    "vae.dtype": ("float32", "bfloat16", "float16"),
+    "vae.param_dtype": ("float32", "bfloat16"),
 }
+
+
+def _validate_vae(v: VAEConfig) -> None:
+    levels = len(v.block_out_channels) - 1
+    if v.spatial_compression != 2**levels:
+        raise ConfigError(
+            f"vae.spatial_compression={v.spatial_compression} does not fit vae.block_out_channels="
+            f"{v.block_out_channels}: {len(v.block_out_channels)} blocks compress by {2**levels}"
+        )
+    if v.temporal_compression < 1 or v.temporal_compression & (v.temporal_compression - 1) or \
+            v.temporal_compression > 2**levels:
+        raise ConfigError(f"vae.temporal_compression={v.temporal_compression} must be a power of two <= {2**levels}")
+    bad = [c for c in v.block_out_channels if c % v.norm_num_groups]
+    if bad:
+        raise ConfigError(f"vae.block_out_channels {bad} are not divisible by vae.norm_num_groups={v.norm_num_groups}")
+    if v.encode_frame_batch < 0 or v.decode_frame_batch < 0:
+        raise ConfigError("vae.encode_frame_batch / vae.decode_frame_batch must be >= 0 (0 = all frames in one pass)")
+    for key in ("tile_overlap_height", "tile_overlap_width"):
+        if not 0 <= getattr(v, key) < 1:
+            raise ConfigError(f"vae.{key}={getattr(v, key)} must be in [0, 1)")
+    if min(v.tile_sample_height, v.tile_sample_width) < v.spatial_compression:
+        raise ConfigError(
+            f"vae.tile_sample_height/width must be at least vae.spatial_compression={v.spatial_compression}"
+        )
 
 
 def validate(config: Config) -> None:
@@ -381,6 +426,7 @@ def validate(config: Config) -> None:
         value = getattr(getattr(config, section), key)
         if value not in options:
             raise ConfigError(f"config key '{path}' = {value!r}: expected one of {', '.join(options)}")
+    _validate_vae(config.vae)
     m, d = config.model, config.data
     if m.hidden_size % 4 or (m.positions == "sincos" and m.hidden_size % 16):
         raise ConfigError(

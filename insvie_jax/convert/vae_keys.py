@@ -1,0 +1,273 @@
+"""VAE parameters: diffusers `AutoencoderKLCogVideoX` and SAT `3d-vae.pt` state dicts <-> our flat params.
+
+Our names are diffusers' with the convolution wrapper dropped (`conv1.conv.weight` -> `conv1.kernel`), norm
+weights called `scale`, and the resamplers called `downsample` / `upsample` (diffusers `downsamplers.0.conv`).
+PyTorch layouts: Conv3d (out, in, t, h, w), Conv2d (out, in, h, w). Ours: (t, h, w, in, out), (h, w, in, out),
+and 1x1x1 convolutions as (in, out) matrices. The key mapping is numpy only; only the SAT `.pt` reader
+imports torch (lazily).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from insvie_jax.config import VAEConfig
+from insvie_jax.models import vae as vae_model
+from insvie_jax.models.params import check_params
+
+# SAT -> diffusers renames, applied in this order to every key (CogVideo tools/convert_weight_sat2hf.py,
+# VAE_KEYS_RENAME_DICT); afterwards SAT's decoder `up.{i}` becomes `up_blocks.{n - 1 - i}` and `loss.*` goes.
+_SAT_RENAMES = (
+    ("block.", "resnets."),
+    ("down.", "down_blocks."),
+    ("downsample", "downsamplers.0"),
+    ("upsample", "upsamplers.0"),
+    ("nin_shortcut", "conv_shortcut"),
+    ("encoder.mid.block_1", "encoder.mid_block.resnets.0"),
+    ("encoder.mid.block_2", "encoder.mid_block.resnets.1"),
+    ("decoder.mid.block_1", "decoder.mid_block.resnets.0"),
+    ("decoder.mid.block_2", "decoder.mid_block.resnets.1"),
+)
+_SAT_UP = re.compile(r"^decoder\.up\.(\d+)\.")
+_DIFFUSERS_UP = re.compile(r"^decoder\.up_blocks\.(\d+)\.")
+_RESAMPLER = re.compile(r"\.(down|up)samplers\.0\.conv\.")
+_OUR_RESAMPLER = re.compile(r"\.(down|up)sample$")
+# config.json values every CogVideoX VAE has and the model assumes
+_FIXED_CONFIG = {"in_channels": 3, "out_channels": 3, "act_fn": "silu", "use_quant_conv": False,
+                 "use_post_quant_conv": False}
+
+
+# ---------------------------------------------------------------------------------------------------
+# diffusers <-> ours
+
+
+def _our_key(key: str, ndim: int) -> str:
+    key = _RESAMPLER.sub(r".\1sample.", key)
+    key = key.replace(".conv.weight", ".weight").replace(".conv.bias", ".bias")
+    if key.endswith(".weight"):
+        key = key[: -len("weight")] + ("scale" if ndim == 1 else "kernel")
+    return key
+
+
+def vae_from_diffusers(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """diffusers `AutoencoderKLCogVideoX` state dict -> our flat params."""
+    out = {}
+    for key, w in sd.items():
+        w = np.asarray(w)
+        if w.ndim == 5 and w.shape[2:] == (1, 1, 1):
+            w = w[:, :, 0, 0, 0].T
+        elif w.ndim == 5:
+            w = w.transpose(2, 3, 4, 1, 0)
+        elif w.ndim == 4:
+            w = w.transpose(2, 3, 1, 0)
+        out[_our_key(key, np.ndim(sd[key]))] = np.ascontiguousarray(w)
+    return out
+
+
+def vae_to_diffusers(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Our flat params -> a state dict that diffusers' `AutoencoderKLCogVideoX` loads."""
+    sd = {}
+    for key, w in flat.items():
+        base, leaf = key.rsplit(".", 1)
+        w = np.asarray(w)
+        if leaf == "scale":
+            sd[base + ".weight"] = w
+            continue
+        if leaf == "bias" and base + ".scale" in flat:
+            sd[key] = w
+            continue
+        name = "weight" if leaf == "kernel" else leaf
+        if _OUR_RESAMPLER.search(base):
+            new = _OUR_RESAMPLER.sub(r".\1samplers.0.conv", base) + "." + name
+        elif base.endswith("conv_shortcut"):
+            new = f"{base}.{name}"
+        else:
+            new = f"{base}.conv.{name}"
+        if leaf == "kernel":
+            w = {2: lambda a: a.T[:, :, None, None, None], 4: lambda a: a.transpose(3, 2, 0, 1),
+                 5: lambda a: a.transpose(4, 3, 0, 1, 2)}[w.ndim](w)
+        sd[new] = np.ascontiguousarray(w)
+    return sd
+
+
+# ---------------------------------------------------------------------------------------------------
+# SAT <-> diffusers
+
+
+def sat_to_diffusers(sd: dict) -> dict:
+    """SAT `3d-vae.pt` state dict -> diffusers names (values untouched); `loss.*` entries are dropped."""
+    renamed = {}
+    for key, value in sd.items():
+        if key.startswith("loss."):
+            continue
+        for old, new in _SAT_RENAMES:
+            key = key.replace(old, new)
+        renamed[key] = value
+    ups = {int(m.group(1)) for k in renamed if (m := _SAT_UP.match(k))}
+    n = max(ups) + 1 if ups else 0
+    return {_SAT_UP.sub(lambda m: f"decoder.up_blocks.{n - 1 - int(m.group(1))}.", k): v for k, v in renamed.items()}
+
+
+def diffusers_to_sat(sd: dict) -> dict:
+    """diffusers names -> SAT `3d-vae.pt` names (the inverse of `sat_to_diffusers`, without `loss.*`)."""
+    ups = {int(m.group(1)) for k in sd if (m := _DIFFUSERS_UP.match(k))}
+    n = max(ups) + 1 if ups else 0
+    out = {}
+    for key, value in sd.items():
+        key = _DIFFUSERS_UP.sub(lambda m: f"decoder.up.{n - 1 - int(m.group(1))}.", key)
+        for old, new in reversed(_SAT_RENAMES):
+            key = key.replace(new, old)
+        out[key] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Configs
+
+
+def diffusers_vae_config(cfg: VAEConfig) -> dict:
+    """The `AutoencoderKLCogVideoX` config (config.json keys) of a VAE config's architecture."""
+    n = len(cfg.block_out_channels)
+    return {
+        "_class_name": "AutoencoderKLCogVideoX",
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["CogVideoXDownBlock3D"] * n,
+        "up_block_types": ["CogVideoXUpBlock3D"] * n,
+        "block_out_channels": list(cfg.block_out_channels),
+        "latent_channels": cfg.latent_channels,
+        "layers_per_block": cfg.layers_per_block,
+        "act_fn": "silu",
+        "norm_eps": cfg.norm_eps,
+        "norm_num_groups": cfg.norm_num_groups,
+        "temporal_compression_ratio": cfg.temporal_compression,
+        "sample_height": 2 * cfg.tile_sample_height,
+        "sample_width": 2 * cfg.tile_sample_width,
+        "scaling_factor": cfg.scaling_factor,
+        "use_quant_conv": False,
+        "use_post_quant_conv": False,
+    }
+
+
+def vae_config_from_diffusers(config: dict, base: VAEConfig | None = None) -> VAEConfig:
+    """Our VAE config for a diffusers config.json: architecture and scaling from the file, the memory modes and
+    dtypes from `base`."""
+    base = base or VAEConfig()
+    unsupported = {k: config[k] for k, v in _FIXED_CONFIG.items() if k in config and config[k] != v}
+    if unsupported:
+        raise ValueError(f"unsupported AutoencoderKLCogVideoX config {unsupported}: only {_FIXED_CONFIG} "
+                         "is implemented")
+    blocks = list(config.get("block_out_channels", base.block_out_channels))
+    # diffusers derives the tile size from the config's sample size (half of it)
+    tiles = {}
+    if "sample_height" in config:
+        tiles["tile_sample_height"] = config["sample_height"] // 2
+    if "sample_width" in config:
+        tiles["tile_sample_width"] = config["sample_width"] // 2
+    return dataclasses.replace(
+        base,
+        block_out_channels=blocks,
+        latent_channels=config.get("latent_channels", base.latent_channels),
+        layers_per_block=config.get("layers_per_block", base.layers_per_block),
+        norm_num_groups=config.get("norm_num_groups", base.norm_num_groups),
+        norm_eps=float(config.get("norm_eps", base.norm_eps)),
+        temporal_compression=int(config.get("temporal_compression_ratio", base.temporal_compression)),
+        spatial_compression=2 ** (len(blocks) - 1),
+        scaling_factor=float(config.get("scaling_factor", base.scaling_factor)),
+        **tiles,
+    )
+
+
+def _config_from_shapes(sd: dict[str, np.ndarray], base: VAEConfig) -> VAEConfig:
+    """Architecture read off a diffusers-named state dict's shapes (a SAT file carries no config)."""
+    blocks, i = [], 0
+    while f"encoder.down_blocks.{i}.resnets.0.conv1.conv.weight" in sd:
+        blocks.append(int(sd[f"encoder.down_blocks.{i}.resnets.0.conv1.conv.weight"].shape[0]))
+        i += 1
+    if not blocks:
+        raise ValueError("not a CogVideoX VAE state dict: no encoder.down.0.block.0.conv1 weights found")
+    layers = len({k.split(".")[4] for k in sd if k.startswith("encoder.down_blocks.0.resnets.")})
+    return vae_config_from_diffusers({
+        "block_out_channels": blocks,
+        "layers_per_block": layers,
+        "latent_channels": int(sd["encoder.conv_out.conv.weight"].shape[0]) // 2,
+    }, base)
+
+
+def vae_with_params(cfg: VAEConfig, flat: dict[str, np.ndarray], what: str = "VAE checkpoint"):
+    """Our VAE holding `flat` (our names), built without drawing random weights first."""
+    model = nnx.eval_shape(lambda: vae_model.CogVideoXVAE(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    flat_state = nnx.to_flat_state(state)
+    check_params({".".join(map(str, path)): v.shape for path, v in flat_state},
+                 {k: np.shape(v) for k, v in flat.items()}, what)
+    for path, var in flat_state:
+        abstract = var.get_value()
+        var.set_value(jnp.asarray(np.asarray(flat[".".join(map(str, path))], abstract.dtype)))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat_state))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Readers
+
+
+def read_diffusers_folder(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
+    """A diffusers `vae/` folder -> (state dict as numpy, config.json). Needs no torch."""
+    import ml_dtypes  # noqa: F401  (registers numpy's bfloat16, which safetensors' numpy API needs)
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{path} is not a diffusers VAE folder: no config.json")
+    config = json.loads(config_file.read_text())
+    index = path / "diffusion_pytorch_model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = ["diffusion_pytorch_model.safetensors"]
+    missing = [f for f in files if not (path / f).exists()]
+    if missing:
+        raise FileNotFoundError(f"{path}: missing {missing} (only safetensors weights are read)")
+    sd = {}
+    for f in files:
+        sd.update(load_file(str(path / f)))
+    return sd, config
+
+
+def read_sat_pt(path: str | Path) -> dict[str, np.ndarray]:
+    """A SAT `3d-vae.pt` (torch pickle, dict with `state_dict`) -> diffusers-named numpy state dict."""
+    import torch
+
+    saved = torch.load(str(path), map_location="cpu", weights_only=True)
+    sd = saved.get("state_dict", saved) if isinstance(saved, dict) else None
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: expected a dict with a 'state_dict' entry (SAT 3d-vae.pt)")
+    return sat_to_diffusers({k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in sd.items()})
+
+
+def load_vae(path: str | Path, cfg: VAEConfig | None = None) -> tuple[vae_model.CogVideoXVAE, dict]:
+    """A diffusers `vae/` folder or a SAT `3d-vae.pt` -> (our VAE with its weights, diffusers-style config dict).
+
+    The architecture comes from the checkpoint (config.json, or the SAT tensors' shapes); memory modes, dtypes
+    and, for SAT files, the norm groups, temporal compression and scaling factor come from `cfg`.
+    """
+    path = Path(path)
+    base = cfg or VAEConfig()
+    if path.is_dir():
+        sd, config = read_diffusers_folder(path)
+        vae_cfg = vae_config_from_diffusers(config, base)
+    elif path.suffix in (".pt", ".pth", ".ckpt"):
+        sd = read_sat_pt(path)
+        vae_cfg = _config_from_shapes(sd, base)
+        config = diffusers_vae_config(vae_cfg)
+    else:
+        raise ValueError(f"VAE path {path}: expected a diffusers vae/ folder or a SAT 3d-vae.pt file")
+    return vae_with_params(vae_cfg, vae_from_diffusers(sd), what=f"VAE checkpoint {path}"), config
