@@ -24,6 +24,7 @@ from insvie_jax.models import vae as vae_model  # noqa: E402
 from insvie_jax.models.params import flat_params  # noqa: E402
 
 TOL = 1e-4
+BF16_TOL = 5e-2
 MODES_DIFFER = 1e-3  # the modes must give visibly different numbers, or the per-mode tests prove nothing
 
 # 4 blocks: 8x spatial and (blocks 0, 1 compress time) 4x temporal compression, as the real VAE.
@@ -144,6 +145,17 @@ def test_memory_modes_differ(reference):
     assert rel(decode6["frames"], decode6["full"]) > MODES_DIFFER
     assert rel(decode5["tiled"], decode5["frames"]) > MODES_DIFFER
     assert rel(encode17["frames"], encode17["full"]) > MODES_DIFFER
+
+
+def test_bfloat16_compute(reference):
+    """bf16 compute (the default) runs the frame-batched path (its scan carries bf16 caches) and stays close to
+    fp32; the output is float32."""
+    flat = vae_keys.vae_from_diffusers({k: v.numpy() for k, v in reference.state_dict().items()})
+    bf16 = vae_keys.vae_with_params(dataclasses.replace(TINY, **MODES["frames"], dtype="bfloat16"), flat)
+    z = latents(5)
+    out = _decode(bf16, z)
+    assert out.dtype == np.float32
+    assert rel(out, _decode(ours(reference, "frames"), z)) < BF16_TOL
 
 
 def test_posterior_sample(reference):
