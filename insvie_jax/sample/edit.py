@@ -73,16 +73,16 @@ class EditResult:
     meta: dict
 
 
-def _load_transformer(cfg: Config, checkpoint: str | None):
+def _transformer_weights(cfg: Config, checkpoint: str | None):
+    """(flat params or None for random weights, ModelConfig): the checkpoint's architecture, the config's runtime."""
     if not checkpoint:
         log.warning("insvie-jax edit: no --checkpoint: using a RANDOM transformer of config model '%s' "
                     "(smoke test; the edit will be noise)", cfg.model.name)
-        return tr.build(cfg.model, seed=RANDOM_WEIGHTS_SEED), cfg.model
+        return None, cfg.model
     from insvie_jax.convert import api
 
     flat, ckpt_cfg = api.read_flat(checkpoint)
-    model_cfg = dataclasses.replace(ckpt_cfg, **{k: getattr(cfg.model, k) for k in RUNTIME_FIELDS})
-    return api.model_from_flat(flat, model_cfg), model_cfg
+    return flat, dataclasses.replace(ckpt_cfg, **{k: getattr(cfg.model, k) for k in RUNTIME_FIELDS})
 
 
 def _random_vae(cfg: configlib.VAEConfig, seed: int) -> vae_model.CogVideoXVAE:
@@ -133,17 +133,23 @@ def _load_text_encoder(cfg: Config, path: str):
 
 def load_models(cfg: Config, checkpoint: str | None = None, vae: str | None = None, t5: str | None = None) -> Models:
     """The transformer (checkpoint in any format, or random), VAE and T5 (paths default to the config's)."""
-    transformer, model_cfg = _load_transformer(cfg, checkpoint)
-    vae_net, scaling_factor = _load_vae(cfg, cfg.vae.path if vae is None else vae)
     encoder, text_cfg, tokenizer = _load_text_encoder(cfg, cfg.text_encoder.path if t5 is None else t5)
+    flat, model_cfg = _transformer_weights(cfg, checkpoint)
     if text_cfg.d_model != model_cfg.text_embed_dim:
         raise EditError(f"the text encoder gives {text_cfg.d_model}-wide embeddings but the transformer takes "
                         f"model.text_embed_dim={model_cfg.text_embed_dim}: use the T5 the model was trained with "
                         "(--t5 / text_encoder.*)")
+    vae_net, scaling_factor = _load_vae(cfg, cfg.vae.path if vae is None else vae)
     latent_channels = vae_net.decoder.conv_in.kernel.shape[-2]
     if latent_channels != model_cfg.in_channels:
         raise EditError(f"the VAE has {latent_channels} latent channels but the transformer takes "
                         f"model.in_channels={model_cfg.in_channels}: use the VAE the model was trained with (--vae)")
+    if flat is None:
+        transformer = tr.build(model_cfg, seed=RANDOM_WEIGHTS_SEED)
+    else:
+        from insvie_jax.convert import api
+
+        transformer = api.model_from_flat(flat, model_cfg)
     return Models(transformer, model_cfg, vae_net, scaling_factor, encoder, text_cfg, tokenizer, checkpoint or None)
 
 
