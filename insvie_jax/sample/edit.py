@@ -85,7 +85,7 @@ def _transformer_weights(cfg: Config, checkpoint: str | None):
     return flat, dataclasses.replace(ckpt_cfg, **{k: getattr(cfg.model, k) for k in RUNTIME_FIELDS})
 
 
-def _random_vae(cfg: configlib.VAEConfig, seed: int) -> vae_model.CogVideoXVAE:
+def random_vae(cfg: configlib.VAEConfig, seed: int) -> vae_model.CogVideoXVAE:
     """A VAE with PyTorch-style random weights drawn in numpy: initialising its many differently shaped
     convolutions op by op in JAX compiles each one (about 15 s on CPU even for the tiny VAE)."""
     from insvie_jax.convert.vae_keys import vae_with_params
@@ -105,7 +105,7 @@ def _random_vae(cfg: configlib.VAEConfig, seed: int) -> vae_model.CogVideoXVAE:
 
 def _load_vae(cfg: Config, path: str):
     if not path:
-        return _random_vae(cfg.vae, RANDOM_WEIGHTS_SEED), cfg.vae.scaling_factor
+        return random_vae(cfg.vae, RANDOM_WEIGHTS_SEED), cfg.vae.scaling_factor
     from insvie_jax.convert.vae_keys import load_vae
 
     folder = Path(path)
@@ -154,12 +154,14 @@ def load_models(cfg: Config, checkpoint: str | None = None, vae: str | None = No
 
 
 @nnx.jit
-def _encode_video(vae, video, key):
+def encode_video(vae, video, key):
+    """(B, F, H, W, 3) in [-1, 1] -> a posterior sample of the unscaled latents (as InsViE: sampled, not the mean)."""
     return vae.encode(video).sample(key)
 
 
 @nnx.jit
-def _decode_latents(vae, latents):
+def decode_latents(vae, latents):
+    """Unscaled latents -> (B, F, H, W, 3) float32, roughly in [-1, 1]."""
     return vae.decode(latents)
 
 
@@ -213,10 +215,10 @@ class Editor:
             log.warning("insvie-jax edit: the instruction is longer than text_encoder.max_length=%d tokens and was "
                         "truncated: %r", models.text_cfg.max_length, instruction)
         encode_key, sample_key = jax.random.split(jax.random.key(seed))
-        latents = _encode_video(models.vae, source[None], encode_key) * models.scaling_factor
+        latents = encode_video(models.vae, source[None], encode_key) * models.scaling_factor
         edited = loop.sample(models.transformer, latents, text, sample_key, cfg.sample, cfg.diffusion,
                              progress=progress)
-        decoded = np.asarray(_decode_latents(models.vae, edited / models.scaling_factor))[0, :frames]
+        decoded = np.asarray(decode_latents(models.vae, edited / models.scaling_factor))[0, :frames]
 
         result = EditResult(Path(out) / output_name(video, instruction), videolib.to_uint8(decoded),
                             videolib.to_uint8(source), {})
