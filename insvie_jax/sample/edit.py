@@ -207,8 +207,9 @@ class Editor:
         source = clip.frames[:frames]
         latent_frames = (frames - 1) // cfg.vae.temporal_compression + 1
         if latent_frames % 2 == 0:
-            log.warning("insvie-jax edit: %d frames make an even number of latent frames (%d); CogVideoX VAEs "
-                        "decode those less well: 8k+1 frames are best", frames, latent_frames)
+            log.warning("insvie-jax edit: %d frames give an even number of latent frames (%d), which CogVideoX's VAE "
+                        "decodes to %d frames (kept: the first %d); InsViE expects 8k+1 frames", frames, latent_frames,
+                        cfg.vae.temporal_compression * latent_frames, frames)
 
         text, truncated = encode_instruction(models, instruction)
         if truncated:
@@ -220,9 +221,7 @@ class Editor:
                              progress=progress)
         decoded = np.asarray(decode_latents(models.vae, edited / models.scaling_factor))[0, :frames]
 
-        result = EditResult(Path(out) / output_name(video, instruction), videolib.to_uint8(decoded),
-                            videolib.to_uint8(source), {})
-        result.meta = {
+        meta = {
             "video": str(video), "instruction": instruction, "instruction_truncated": truncated,
             "seed": seed, "steps": cfg.sample.steps, "sampler": cfg.sample.sampler,
             "text_scale": cfg.sample.text_scale, "source_scale": cfg.sample.source_scale,
@@ -230,6 +229,8 @@ class Editor:
             "size": [cfg.data.height, cfg.data.width], "fps": cfg.sample.fps,
             "source_fps": float(clip.fps) if clip.fps else None, "checkpoint": models.checkpoint,
         }
+        result = EditResult(Path(out) / output_name(video, instruction), videolib.to_uint8(decoded),
+                            videolib.to_uint8(source), meta)
         write(result, cfg.sample.fps)
         return result
 
