@@ -50,6 +50,51 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def _csv_rows(csv_path: str, test_folder: str | None) -> list[tuple[str, str]]:
+    """InsViE's batch file: a header row, then `name, ..., instruction` (column 2 when a row has 3+ columns, else
+    column 1); videos live in --test-folder, relative to the CSV's folder unless absolute."""
+    import csv
+    from pathlib import Path
+
+    csv_file = Path(csv_path)
+    if not csv_file.is_file():
+        raise FileNotFoundError(f"CSV not found: {csv_file}: check --csv")
+    folder = csv_file.parent / (test_folder or "")
+    with open(csv_file, newline="") as f:
+        rows = [row for row in list(csv.reader(f))[1:] if row and any(cell.strip() for cell in row)]
+    short = [i + 2 for i, row in enumerate(rows) if len(row) < 2]
+    if short:
+        raise configlib.ConfigError(f"{csv_file}: rows {short} need a file name and an instruction")
+    return [(str(folder / row[0].strip()), row[2 if len(row) >= 3 else 1].strip()) for row in rows]
+
+
+def cmd_edit(args) -> int:
+    from insvie_jax.sample import edit as editlib
+    from insvie_jax.sample.video import VideoError
+
+    path, overrides = _split_config(args)
+    shortcuts = {"seed": args.seed, "steps": args.steps, "text_scale": args.text_scale,
+                 "source_scale": args.source_scale}
+    overrides += [f"sample.{key}={value}" for key, value in shortcuts.items() if value is not None]
+    cfg = configlib.load(path, overrides)
+    if bool(args.video) == bool(args.csv):
+        raise configlib.ConfigError("pass either --video with --instruction, or --csv (with --test-folder)")
+    if args.video and not args.instruction:
+        raise configlib.ConfigError("--video needs --instruction \"what to change\"")
+    jobs = [(args.video, args.instruction)] if args.video else _csv_rows(args.csv, args.test_folder)
+    editor = editlib.Editor(cfg, args.checkpoint, args.vae, args.t5)
+    failed = 0
+    for video, instruction in jobs:
+        try:
+            result = editor.edit(video, instruction, args.out)
+        except (VideoError, FileNotFoundError) as err:  # in a batch, the other rows still run
+            print(f"insvie-jax: {'skipped: ' if len(jobs) > 1 else ''}{err}", file=sys.stderr)
+            failed += 1
+            continue
+        print(result.out_dir / "edit.mp4")
+    return (2 if len(jobs) == 1 else 1) if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="insvie-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -67,6 +112,21 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--merge-lora", action="store_true", help="merge SAT LoRA adapters into the weights")
     convert.add_argument("--sat-config", help="SAT model yaml, when the shapes cannot tell the config")
     convert.set_defaults(func=cmd_convert)
+    edit = sub.add_parser("edit", help="edit a video as an instruction says (or a CSV batch of them)")
+    _config_args(edit)
+    edit.add_argument("--video", help="source video file")
+    edit.add_argument("--instruction", help="what to change, e.g. \"make it snow\"")
+    edit.add_argument("--csv", help="InsViE batch file: header, then name[, ...], instruction per row")
+    edit.add_argument("--test-folder", help="folder of the CSV's videos (relative to the CSV's folder)")
+    edit.add_argument("--checkpoint", help="transformer: SAT, diffusers or native (default: random weights)")
+    edit.add_argument("--vae", help="diffusers vae/ folder or SAT 3d-vae.pt (default: vae.path; empty = random)")
+    edit.add_argument("--t5", help="Hugging Face T5 folder (default: text_encoder.path; empty = random)")
+    edit.add_argument("--out", default="outputs", help="output folder (default: outputs)")
+    edit.add_argument("--seed", type=int, help="sample.seed")
+    edit.add_argument("--steps", type=int, help="sample.steps")
+    edit.add_argument("--text-scale", type=float, help="sample.text_scale")
+    edit.add_argument("--source-scale", type=float, help="sample.source_scale")
+    edit.set_defaults(func=cmd_edit)
     return parser
 
 
