@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -60,9 +62,16 @@ class LayerNorm(nnx.Module):
         self.bias = param(rngs, nnx.initializers.zeros, (dim,), param_dtype, axes)
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        x32 = x.astype(jnp.float32)
-        mean = x32.mean(-1, keepdims=True)
-        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-        return y.astype(self.dtype)
+        return _layer_norm(x, self.scale[...], self.bias[...], self.eps, self.dtype)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(3, 4))
+def _layer_norm(x, scale, bias, eps: float, dtype):
+    # Rematerialised: the backward pass recomputes the float32 statistics from the (16-bit) input instead of
+    # keeping float32 copies of every normalised activation alive, which is most of a no-remat step's memory.
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y.astype(dtype)

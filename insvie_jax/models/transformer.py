@@ -77,7 +77,13 @@ class FeedForward(nnx.Module):
         self.w2 = Dense((cfg.mlp_dim,), (cfg.hidden_size,), ("mlp", "embed"), rngs=rngs, param_dtype=pdt, dtype=dt)
 
     def __call__(self, x):
-        return self.w2(jax.nn.gelu(self.w1(x), approximate=True))
+        return self.w2(_gelu(self.w1(x)))
+
+
+@jax.checkpoint
+def _gelu(x):
+    # Rematerialised: keeps only the input of the tanh-approximate GELU for the backward pass.
+    return jax.nn.gelu(x, approximate=True)
 
 
 class Block(nnx.Module):
