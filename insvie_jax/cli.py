@@ -50,6 +50,21 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_encode(args) -> int:
+    from insvie_jax.data.encode import encode_lists
+
+    path, overrides = _split_config(args)
+    cfg = configlib.load(path, overrides)
+    lists = args.list or cfg.data.paths
+    if not lists:
+        raise configlib.ConfigError("encode: name the triplet lists with --list (or data.paths=[...])")
+    manifest = encode_lists(cfg, lists, args.out, show_progress=not args.quiet)
+    bad = manifest["bad"]
+    print(json.dumps({"out": args.out, "count": manifest["count"], "bad": bad["count"], "bad_by_reason":
+                      bad["by_reason"], "buckets": {k: v["count"] for k, v in manifest["buckets"].items()}}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="insvie-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -67,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--merge-lora", action="store_true", help="merge SAT LoRA adapters into the weights")
     convert.add_argument("--sat-config", help="SAT model yaml, when the shapes cannot tell the config")
     convert.set_defaults(func=cmd_convert)
+    encode = sub.add_parser("encode", help="pre-encode triplet lists (VAE posteriors + T5) into ArrayRecord shards")
+    _config_args(encode)
+    encode.add_argument("--list", action="append", help="InsViE CSV, pair CSV or JSONL (repeatable; default "
+                        "data.paths)")
+    encode.add_argument("--out", required=True, help="output folder (an existing one is resumed)")
+    encode.add_argument("--quiet", action="store_true", help="no progress bar")
+    encode.set_defaults(func=cmd_encode)
     return parser
 
 
