@@ -172,8 +172,10 @@ class DataConfig:
     crop: str = "random"  # "random" (seeded per sample, same offsets for source and edit) | "center"
     seed: int = 0  # shuffling, crops and posterior draws
     shuffle: bool = True
-    num_workers: int = 0  # grain worker processes; 0 = in the training process
+    num_workers: int = 0  # grain worker processes; 0 = in the training process. Batch order depends on it:
+    # a resumed run must keep the same value.
     prefetch: int = 2  # batches buffered per worker (or by a thread when num_workers = 0)
+    read_threads: int = 2  # threads reading and decoding records, per stream (folder x bucket) and process
     shard_size: int = 256  # input triplets per `encode` work unit (one ArrayRecord file per bucket each)
     report_dir: str = ""  # where the pipeline appends bad records (JSONL); empty = log only
     # `insvie-jax filter` thresholds; a triplet failing any is rejected with the failing score named.
@@ -476,9 +478,9 @@ def _validate_data(d: DataConfig, step: int) -> None:
     if d.source != "synthetic" and not d.paths:
         raise ConfigError(f"data.source={d.source!r} needs data.paths (shard folders for 'arrayrecord', triplet "
                           "lists for 'video')")
-    if d.fps <= 0 or d.skip_frames < 0 or d.num_workers < 0 or d.prefetch < 1 or d.shard_size < 1:
-        raise ConfigError("data.fps must be > 0, data.skip_frames and data.num_workers >= 0, data.prefetch and "
-                          "data.shard_size >= 1")
+    if d.fps <= 0 or d.skip_frames < 0 or d.num_workers < 0 or min(d.prefetch, d.shard_size, d.read_threads) < 1:
+        raise ConfigError("data.fps must be > 0, data.skip_frames and data.num_workers >= 0, data.prefetch, "
+                          "data.shard_size and data.read_threads >= 1")
 
 
 def validate(config: Config) -> None:

@@ -203,14 +203,14 @@ def encode_lists(cfg, list_paths, out_dir, *, show_progress: bool = True) -> dic
             done[unit] = _encode_unit(encoder, unit, chunk, out, progress, bad)
             bad += len(done[unit]["bad"])
             encoded_units.append(unit)
-    manifest = _manifest(cfg, digest, [done[u] for u in range(len(units))], list_report, out)
+    manifest = _manifest(cfg, digest, [done[u] for u in range(len(units))], list_report)
     _atomic_json(out / records.MANIFEST, manifest)
     manifest["encoded_units"] = encoded_units  # this run's work, for callers; not stored
     manifest["seconds"] = time.time() - start
     return manifest
 
 
-def _manifest(cfg, digest: str, units: list[dict], list_report: BadSamples, out: Path) -> dict:
+def _manifest(cfg, digest: str, units: list[dict], list_report: BadSamples) -> dict:
     buckets: dict[str, dict] = {}
     bad = BadSamples(list_report.entries)
     for unit in units:
@@ -219,18 +219,5 @@ def _manifest(cfg, digest: str, units: list[dict], list_report: BadSamples, out:
             entry = buckets.setdefault(key, {"count": 0, "files": []})
             entry["count"] += unit["counts"][key]
             entry["files"].append(file)
-    latent_channels, text_shape = cfg.vae.latent_channels, [cfg.text_encoder.max_length, cfg.text_encoder.d_model]
-    for key, entry in buckets.items():
-        entry["latent_shape"] = [int(n) for n in key.split("x")] + [latent_channels]
-    return {
-        "format": records.FORMAT,
-        "serialization": "flax.serialization msgpack dict per ArrayRecord record",
-        "count": sum(e["count"] for e in buckets.values()),
-        "buckets": buckets,
-        "text_shape": text_shape,
-        "dtypes": {**{k: "bfloat16" for k in records.LATENT_KEYS}, "text": "bfloat16"},
-        "latents": "unscaled VAE posterior (mean, std); multiply a sample by vae.scaling_factor",
-        "scaling_factor": cfg.vae.scaling_factor,
-        "config_hash": digest,
-        "bad": bad.to_dict(),
-    }
+    return records.make_manifest(buckets, (cfg.text_encoder.max_length, cfg.text_encoder.d_model),
+                                 cfg.vae.latent_channels, cfg.vae.scaling_factor, digest, bad.to_dict())

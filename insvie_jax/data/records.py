@@ -76,3 +76,54 @@ def check_record(record: dict) -> str | None:
     if record["source_mean"].shape != record["target_mean"].shape:
         return f"source/target latent shapes differ ({record['source_mean'].shape} vs {record['target_mean'].shape})"
     return None
+
+
+def make_manifest(buckets: dict, text_shape, latent_channels: int, scaling_factor: float, config_hash: str,
+                  bad: dict) -> dict:
+    """The manifest of a folder; `buckets` maps bucket keys to {"count", "files"}."""
+    for key, entry in buckets.items():
+        entry["latent_shape"] = [int(n) for n in key.split("x")] + [latent_channels]
+    return {
+        "format": FORMAT,
+        "serialization": "flax.serialization msgpack dict per ArrayRecord record",
+        "count": sum(e["count"] for e in buckets.values()),
+        "buckets": buckets,
+        "text_shape": list(text_shape),
+        "dtypes": {**{k: "bfloat16" for k in LATENT_KEYS}, "text": "bfloat16"},
+        "latents": "unscaled VAE posterior (mean, std); multiply a sample by vae.scaling_factor",
+        "scaling_factor": scaling_factor,
+        "config_hash": config_hash,
+        "bad": bad,
+    }
+
+
+def write_synthetic(folder: str | Path, counts: dict, text_shape, latent_channels: int = 16, shard_size: int = 64,
+                    seed: int = 0, prefix: str = "") -> dict:
+    """A folder of random records for tests and throughput runs: `counts` maps latent (f, h, w) to a record count.
+    Record i of a bucket is named "<prefix><f>x<h>x<w>/<i>"; source means are standard normal, target means their
+    negation, stds 0.1. Returns the manifest (also written)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    bf16 = ml_dtypes.bfloat16
+    buckets = {}
+    for shape, count in counts.items():
+        key = bucket_key(shape)
+        entry = buckets.setdefault(key, {"count": 0, "files": []})
+        latent = (*shape, latent_channels)
+        std = np.full(latent, 0.1, bf16)
+        text = rng.standard_normal(text_shape).astype(bf16)
+        for start in range(0, count, shard_size):
+            name = f"part-{start // shard_size:05d}-{key}.array_record"
+            out = writer(folder / name)
+            for i in range(start, min(start + shard_size, count)):
+                mean = rng.standard_normal(latent, np.float32).astype(bf16)
+                out.write(pack({"name": f"{prefix}{key}/{i}", "instruction": f"edit {i}", "source_mean": mean,
+                                "source_std": std, "target_mean": -mean, "target_std": std, "text": text}))
+            out.close()
+            entry["files"].append(name)
+            entry["count"] += min(start + shard_size, count) - start
+    manifest = make_manifest(buckets, text_shape, latent_channels, 1.0, "synthetic", {"count": 0, "by_reason": {},
+                                                                                      "samples": []})
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest
