@@ -65,6 +65,27 @@ def cmd_encode(args) -> int:
     return 0
 
 
+def cmd_filter(args) -> int:
+    from insvie_jax.data import filters
+    from insvie_jax.data.sources import read_lists
+
+    path, overrides = _split_config(args)
+    cfg = configlib.load(path, overrides)
+    lists = args.list or cfg.data.paths
+    if not lists:
+        raise configlib.ConfigError("filter: name the triplet lists with --list (or data.paths=[...])")
+    triplets, list_report = read_lists(lists, cfg.data.video_roots)
+    rows = filters.filter_triplets(cfg, triplets, list_report, filters.make_judge(cfg.data),
+                                   show_progress=not args.quiet)
+    filters.write_report(rows, args.report)
+    summary = {"report": args.report, "triplets": len(rows), "kept": sum(r["keep"] for r in rows)}
+    if args.kept:
+        filters.write_kept(rows, args.kept)
+        summary["kept_list"] = args.kept
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="insvie-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -89,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--out", required=True, help="output folder (an existing one is resumed)")
     encode.add_argument("--quiet", action="store_true", help="no progress bar")
     encode.set_defaults(func=cmd_encode)
+    filt = sub.add_parser("filter", help="score triplets (motion, quality, edit consistency, optional judge)")
+    _config_args(filt)
+    filt.add_argument("--list", action="append", help="InsViE CSV, pair CSV or JSONL (repeatable; default "
+                      "data.paths)")
+    filt.add_argument("--report", required=True, help="CSV report: scores, keep, reasons per triplet")
+    filt.add_argument("--kept", help="also write the kept triplets as a JSONL list (for encode)")
+    filt.add_argument("--quiet", action="store_true", help="no progress bar")
+    filt.set_defaults(func=cmd_filter)
     return parser
 
 

@@ -182,7 +182,7 @@ class DataConfig:
     filter_frames: int = 17  # frames scored per clip
     filter_size: int = 64  # scoring resolution (shorter side, pixels)
     filter_min_motion: float = 0.004  # mean |frame difference| in [0, 1]: below = static
-    filter_max_motion: float = 0.25  # above = chaotic (cuts, flashes)
+    filter_max_motion: float = 0.15  # above = chaotic (cuts, flashes, noise)
     filter_min_sharpness: float = 20.0  # variance of the Laplacian (0-255 grayscale): below = blurred
     filter_min_brightness: float = 0.08  # mean level in [0, 1]
     filter_max_brightness: float = 0.92

@@ -24,7 +24,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from insvie_jax.data import records
-from insvie_jax.data.sources import BadSamples, Triplet, read_list, to_unit_range, try_load_clip
+from insvie_jax.data.sources import BadSamples, Triplet, read_lists, to_unit_range, try_load_clip
 
 TEXT_BATCH = 16
 
@@ -122,12 +122,6 @@ def encode_triplet(encoder: TripletEncoder, clip, text: np.ndarray) -> dict:
         "target_mean": mean[1].astype(bf16), "target_std": std[1].astype(bf16),
         "text": np.asarray(text, bf16),
     }
-
-
-def read_lists(paths, video_roots) -> tuple[list[Triplet], BadSamples]:
-    report = BadSamples()
-    triplets = [t for path in paths for t in read_list(path, video_roots, report)]
-    return triplets, report
 
 
 def _atomic_json(path: Path, data) -> None:

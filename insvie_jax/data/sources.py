@@ -163,6 +163,13 @@ def read_list(path: str | Path, video_roots: list[str], report: BadSamples) -> l
     return _read_csv(path, video_roots, report)
 
 
+def read_lists(paths, video_roots: list[str]) -> tuple[list[Triplet], BadSamples]:
+    """The triplets of several list files, in order, and the report of their unreadable rows."""
+    report = BadSamples()
+    triplets = [t for path in paths for t in read_list(path, video_roots, report)]
+    return triplets, report
+
+
 # ---------------------------------------------------------------------------------------------------
 # Frame sampling and cropping
 
