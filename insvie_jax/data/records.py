@@ -22,7 +22,7 @@ FORMAT = "insvie-jax/arrayrecord-triplets-v1"
 MANIFEST = "manifest.json"
 LATENT_KEYS = ("source_mean", "source_std", "target_mean", "target_std")
 # ArrayRecord groups of one record: random access (grain's shuffling) reads exactly one record.
-WRITER_OPTIONS = "group_size:1"
+WRITER_OPTIONS = "group_size:1,uncompressed"
 
 
 def pack(record: dict) -> bytes:
@@ -101,7 +101,7 @@ def write_synthetic(folder: str | Path, counts: dict, text_shape, latent_channel
                     seed: int = 0, prefix: str = "") -> dict:
     """A folder of random records for tests and throughput runs: `counts` maps latent (f, h, w) to a record count.
     Record i of a bucket is named "<prefix><f>x<h>x<w>/<i>"; source means are standard normal, target means their
-    negation, stds 0.1. Returns the manifest (also written)."""
+    negation, stds uniform in [0.05, 0.15). Returns the manifest (also written)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -111,13 +111,13 @@ def write_synthetic(folder: str | Path, counts: dict, text_shape, latent_channel
         key = bucket_key(shape)
         entry = buckets.setdefault(key, {"count": 0, "files": []})
         latent = (*shape, latent_channels)
-        std = np.full(latent, 0.1, bf16)
         text = rng.standard_normal(text_shape).astype(bf16)
         for start in range(0, count, shard_size):
             name = f"part-{start // shard_size:05d}-{key}.array_record"
             out = writer(folder / name)
             for i in range(start, min(start + shard_size, count)):
                 mean = rng.standard_normal(latent, np.float32).astype(bf16)
+                std = (0.1 * rng.random(latent, np.float32) + 0.05).astype(bf16)
                 out.write(pack({"name": f"{prefix}{key}/{i}", "instruction": f"edit {i}", "source_mean": mean,
                                 "source_std": std, "target_mean": -mean, "target_std": std, "text": text}))
             out.close()
