@@ -132,3 +132,12 @@ def test_unknown_roots_for_insvie_csv_is_a_clear_error(tmp_path):
     write_insvie_csv(tmp_path / "t.csv", ["a.mp4"])
     with pytest.raises(ValueError, match="data.video_roots"):
         sources.read_list(tmp_path / "t.csv", ["only_one"], sources.BadSamples())
+
+
+def test_resolution_buckets_follow_the_clip_aspect_and_short_clips_keep_their_length(tmp_path):
+    write_pair(tmp_path, "portrait.mp4", num_frames=7, height=48, width=32)
+    write_insvie_csv(tmp_path / "t.csv", ["portrait.mp4"])
+    (triplet,) = sources.read_list(tmp_path / "t.csv", ["source", "edit"], sources.BadSamples())
+    cfg = _data_cfg(buckets=[[32, 48], [48, 32]], pad_frames=False)
+    clip = sources.load_clip(triplet, cfg, seed=0)
+    assert clip.source.shape == (5, 48, 32, 3)  # portrait bucket; 7 frames -> largest 4k+1 = 5, unpadded

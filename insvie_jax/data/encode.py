@@ -16,7 +16,6 @@ import os
 import time
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np

@@ -5,7 +5,6 @@ Used by tools/data_throughput.py; both functions time steady state after `warmup
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 from insvie_jax.data.pipeline import make_pipeline
@@ -31,7 +30,7 @@ def measure_video(cfg, list_path: str, clips: int = 8, warmup: int = 1) -> dict:
     """Raw triplets decoded, frame-sampled and cropped as the "video" source does (no VAE), one at a time."""
     report = BadSamples()
     triplets = read_list(list_path, cfg.data.video_roots, report)
-    data_cfg = dataclasses.replace(cfg.data)
+    data_cfg = cfg.data
     for triplet in triplets[:warmup]:
         try_load_clip(triplet, data_cfg, report, seed=0)
     start = time.perf_counter()
