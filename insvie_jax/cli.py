@@ -93,6 +93,40 @@ def cmd_edit(args) -> int:
             continue
         print(result.out_dir / "edit.mp4")
     return (2 if len(jobs) == 1 else 1) if failed else 0
+def cmd_encode(args) -> int:
+    from insvie_jax.data.encode import encode_lists
+
+    path, overrides = _split_config(args)
+    cfg = configlib.load(path, overrides)
+    lists = args.list or cfg.data.paths
+    if not lists:
+        raise configlib.ConfigError("encode: name the triplet lists with --list (or data.paths=[...])")
+    manifest = encode_lists(cfg, lists, args.out, show_progress=not args.quiet)
+    bad = manifest["bad"]
+    print(json.dumps({"out": args.out, "count": manifest["count"], "bad": bad["count"], "bad_by_reason":
+                      bad["by_reason"], "buckets": {k: v["count"] for k, v in manifest["buckets"].items()}}, indent=2))
+    return 0
+
+
+def cmd_filter(args) -> int:
+    from insvie_jax.data import filters
+    from insvie_jax.data.sources import read_lists
+
+    path, overrides = _split_config(args)
+    cfg = configlib.load(path, overrides)
+    lists = args.list or cfg.data.paths
+    if not lists:
+        raise configlib.ConfigError("filter: name the triplet lists with --list (or data.paths=[...])")
+    triplets, list_report = read_lists(lists, cfg.data.video_roots)
+    rows = filters.filter_triplets(cfg, triplets, list_report, filters.make_judge(cfg.data),
+                                   show_progress=not args.quiet)
+    filters.write_report(rows, args.report)
+    summary = {"report": args.report, "triplets": len(rows), "kept": sum(r["keep"] for r in rows)}
+    if args.kept:
+        filters.write_kept(rows, args.kept)
+        summary["kept_list"] = args.kept
+    print(json.dumps(summary, indent=2))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,6 +161,21 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--text-scale", type=float, help="sample.text_scale")
     edit.add_argument("--source-scale", type=float, help="sample.source_scale")
     edit.set_defaults(func=cmd_edit)
+    encode = sub.add_parser("encode", help="pre-encode triplet lists (VAE posteriors + T5) into ArrayRecord shards")
+    _config_args(encode)
+    encode.add_argument("--list", action="append", help="InsViE CSV, pair CSV or JSONL (repeatable; default "
+                        "data.paths)")
+    encode.add_argument("--out", required=True, help="output folder (an existing one is resumed)")
+    encode.add_argument("--quiet", action="store_true", help="no progress bar")
+    encode.set_defaults(func=cmd_encode)
+    filt = sub.add_parser("filter", help="score triplets (motion, quality, edit consistency, optional judge)")
+    _config_args(filt)
+    filt.add_argument("--list", action="append", help="InsViE CSV, pair CSV or JSONL (repeatable; default "
+                      "data.paths)")
+    filt.add_argument("--report", required=True, help="CSV report: scores, keep, reasons per triplet")
+    filt.add_argument("--kept", help="also write the kept triplets as a JSONL list (for encode)")
+    filt.add_argument("--quiet", action="store_true", help="no progress bar")
+    filt.set_defaults(func=cmd_filter)
     return parser
 
 

@@ -151,11 +151,55 @@ class MeshConfig:
 
 @dataclasses.dataclass
 class DataConfig:
+    """Where training triplets come from and how clips are sampled (see insvie_jax/data/)."""
+
+    # "synthetic": in-memory latent triplets (no files); "arrayrecord": shards written by `insvie-jax encode`
+    # (`paths` = their folders); "video": triplet lists (`paths` = InsViE CSV / pair CSV / JSONL files),
+    # decoded in the pipeline and encoded with the VAE and T5 in the main process.
     source: str = "synthetic"
     num_frames: int = 49  # pixel frames: 4k+1
     height: int = 480
     width: int = 720
     batch_size: int = 1  # global batch
+    paths: list = dataclasses.field(default_factory=list)
+    weights: list = dataclasses.field(default_factory=list)  # mixture weight per path; empty = equal
+    # InsViE CSV: [source_root, edit_root] folders, relative to the CSV's folder, holding same-named clips.
+    video_roots: list = dataclasses.field(default_factory=lambda: ["source", "edit"])
+    fps: float = 7.0  # frame sampling rate of InsViE's window rule
+    skip_frames: int = 0  # raw frames skipped at the start (and end) of each clip
+    pad_frames: bool = True  # pad short clips to num_frames by repeating the last frame; False = own 4k+1 length
+    buckets: list = dataclasses.field(default_factory=list)  # [[height, width], ...]; empty = [[height, width]]
+    crop: str = "random"  # "random" (seeded per sample, same offsets for source and edit) | "center"
+    seed: int = 0  # shuffling, crops and posterior draws
+    shuffle: bool = True
+    num_workers: int = 0  # grain worker processes; 0 = in the training process. Batch order depends on it:
+    # a resumed run must keep the same value.
+    prefetch: int = 2  # batches buffered per worker (or by a thread when num_workers = 0)
+    read_threads: int = 2  # threads reading and decoding records, per stream (folder x bucket) and process
+    shard_size: int = 256  # input triplets per `encode` work unit (one ArrayRecord file per bucket each)
+    report_dir: str = ""  # where the pipeline appends bad records (JSONL); empty = log only
+    # `insvie-jax filter` thresholds; a triplet failing any is rejected with the failing score named.
+    filter_frames: int = 17  # frames scored per clip
+    filter_size: int = 64  # scoring resolution (shorter side, pixels)
+    filter_min_motion: float = 0.004  # mean |frame difference| in [0, 1]: below = static
+    filter_max_motion: float = 0.15  # above = chaotic (cuts, flashes, noise)
+    filter_min_sharpness: float = 20.0  # variance of the Laplacian (0-255 grayscale): below = blurred
+    filter_min_brightness: float = 0.08  # mean level in [0, 1]
+    filter_max_brightness: float = 0.92
+    filter_max_clipped: float = 0.25  # fraction of pixels at 0 or 255
+    filter_max_duplicate: float = 0.5  # fraction of consecutive frame pairs that are near-identical
+    filter_max_black: float = 0.1  # fraction of black frames
+    filter_min_consistency: float = 0.2  # SSIM(source, edit): below = the edit replaced the whole clip
+    filter_max_consistency: float = 0.995  # above = the edit changed nothing
+    filter_max_fps_ratio: float = 1.01  # max(fps) / min(fps) of source and edit
+    # Optional VLM judge: "" = none; "http(s)://..." = JSON endpoint; "module:function" = Python callable.
+    filter_judge: str = ""
+    filter_min_judge_score: float = 0.5
+    filter_judge_frames: int = 3
+    filter_judge_batch: int = 8  # concurrent requests
+    filter_judge_retries: int = 3
+    filter_judge_timeout: float = 60.0
+    filter_judge_cache: str = ""  # folder of cached judge scores; empty = no cache
 
 
 @dataclasses.dataclass
@@ -393,6 +437,8 @@ _CHOICES = {
     "sample.sampler": ("dpmpp_2m_sde", "cogvideox_dpm", "ddim"),
     "vae.dtype": ("float32", "bfloat16", "float16"),
     "vae.param_dtype": ("float32", "bfloat16"),
+    "data.source": ("synthetic", "arrayrecord", "video"),
+    "data.crop": ("random", "center"),
 }
 
 
@@ -420,6 +466,23 @@ def _validate_vae(v: VAEConfig) -> None:
         )
 
 
+def _validate_data(d: DataConfig, step: int) -> None:
+    for bucket in d.buckets:
+        if not (isinstance(bucket, (list, tuple)) and len(bucket) == 2 and
+                all(isinstance(v, int) and v > 0 and v % step == 0 for v in bucket)):
+            raise ConfigError(f"data.buckets entry {bucket!r} must be [height, width], positive multiples of {step}")
+    if d.weights and (len(d.weights) != len(d.paths) or any(not isinstance(w, (int, float)) or w < 0
+                                                              for w in d.weights) or not sum(d.weights)):
+        raise ConfigError(f"data.weights={d.weights} must be one non-negative number per data.paths entry "
+                          f"({len(d.paths)}), not all zero")
+    if d.source != "synthetic" and not d.paths:
+        raise ConfigError(f"data.source={d.source!r} needs data.paths (shard folders for 'arrayrecord', triplet "
+                          "lists for 'video')")
+    if d.fps <= 0 or d.skip_frames < 0 or d.num_workers < 0 or min(d.prefetch, d.shard_size, d.read_threads) < 1:
+        raise ConfigError("data.fps must be > 0, data.skip_frames and data.num_workers >= 0, data.prefetch, "
+                          "data.shard_size and data.read_threads >= 1")
+
+
 def validate(config: Config) -> None:
     for path, options in _CHOICES.items():
         section, key = path.split(".")
@@ -441,6 +504,7 @@ def validate(config: Config) -> None:
             f"{m.temporal_compression * k + 1} or {m.temporal_compression * (k + 1) + 1})"
         )
     step = config.vae.spatial_compression * m.patch_size
+    _validate_data(d, step)
     for key in ("height", "width"):
         value = getattr(d, key)
         if value <= 0 or value % step:
