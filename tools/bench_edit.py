@@ -67,6 +67,7 @@ def run_jax(workload: str, args) -> dict:
     import jax.numpy as jnp
 
     from insvie_jax.models import transformer
+    from insvie_jax.models import vae as vae_model
     from insvie_jax.sample import edit, loop
 
     key = jax.random.key(0)
@@ -79,7 +80,7 @@ def run_jax(workload: str, args) -> dict:
             lambda: loop.sample(model, source, text, key, cfg.sample, cfg.diffusion, progress=args.progress),
             args.repeats)
     else:
-        vae = edit.random_vae(cfg.vae, 0)
+        vae = vae_model.build(cfg.vae, 0)
         d = cfg.data
         video = jax.random.uniform(key, (1, d.num_frames, d.height, d.width, 3), jnp.float32, -1, 1)
         first, times = _timed_jax(lambda: edit.decode_latents(vae, edit.encode_video(vae, video, key)), args.repeats)

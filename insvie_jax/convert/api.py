@@ -29,7 +29,7 @@ from insvie_jax.config import ModelConfig
 from insvie_jax.convert import diffusers_keys, sat, sat_keys
 from insvie_jax.convert.sat import NotACheckpoint
 from insvie_jax.models import transformer as tr
-from insvie_jax.models.params import ParamMismatch, check_params, flat_params, param_shapes
+from insvie_jax.models.params import ParamMismatch, check_params, flat_params, module_from_flat, param_shapes
 
 FORMATS = ("native", "sat", "diffusers")
 DTYPES = {"fp32": np.float32, "bf16": ml_dtypes.bfloat16, "fp16": np.float16}
@@ -300,15 +300,8 @@ def write_flat(flat: dict[str, np.ndarray], cfg: ModelConfig, path: str | Path, 
 
 def model_from_flat(flat: dict[str, np.ndarray], cfg: ModelConfig) -> tr.EditTransformer:
     """The model built straight from `flat` (no random initialisation of the full-size weights first)."""
-    import jax.numpy as jnp
-    from flax import nnx
-
     check_flat(flat, cfg, "parameters")
-    graphdef, params, rest = nnx.split(tr.abstract(cfg), nnx.Param, ...)
-    for path, var in nnx.to_flat_state(params):
-        key = ".".join(str(k) for k in path)
-        var.set_value(jnp.asarray(flat[key], var.get_value().dtype))
-    return nnx.merge(graphdef, params, rest)
+    return module_from_flat(tr.abstract(cfg), flat, "parameters")
 
 
 def load_transformer(path: str | Path, sat_config=None, merge_lora: bool = True):

@@ -14,13 +14,11 @@ import json
 import re
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from insvie_jax.config import VAEConfig
 from insvie_jax.models import vae as vae_model
-from insvie_jax.models.params import check_params
+from insvie_jax.models.params import module_from_flat
 
 # SAT -> diffusers renames, applied in this order to every key (CogVideo tools/convert_weight_sat2hf.py,
 # VAE_KEYS_RENAME_DICT); afterwards SAT's decoder `up.{i}` becomes `up_blocks.{n - 1 - i}` and `loss.*` goes.
@@ -203,15 +201,7 @@ def _config_from_shapes(sd: dict[str, np.ndarray], base: VAEConfig) -> VAEConfig
 
 def vae_with_params(cfg: VAEConfig, flat: dict[str, np.ndarray], what: str = "VAE checkpoint"):
     """Our VAE holding `flat` (our names), built without drawing random weights first."""
-    model = nnx.eval_shape(lambda: vae_model.CogVideoXVAE(cfg, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(model)
-    flat_state = nnx.to_flat_state(state)
-    check_params({".".join(map(str, path)): v.shape for path, v in flat_state},
-                 {k: np.shape(v) for k, v in flat.items()}, what)
-    for path, var in flat_state:
-        abstract = var.get_value()
-        var.set_value(jnp.asarray(np.asarray(flat[".".join(map(str, path))], abstract.dtype)))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat_state))
+    return module_from_flat(vae_model.abstract(cfg), flat, what)
 
 
 # ---------------------------------------------------------------------------------------------------

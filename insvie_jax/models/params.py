@@ -52,3 +52,16 @@ def set_flat_params(model: nnx.Module, flat: dict[str, np.ndarray], what: str = 
         key = ".".join(str(k) for k in path)
         var[...] = jnp.asarray(flat[key], var[...].dtype)
     nnx.update(model, state)
+
+
+def module_from_flat(abstract: nnx.Module, flat: dict[str, np.ndarray], what: str = "checkpoint") -> nnx.Module:
+    """A module built from shapes only (`nnx.eval_shape`) filled with `flat`: no random weights drawn first.
+
+    Every parameter must be in `flat` with its shape (else `ParamMismatch`); values take the parameter dtype.
+    """
+    check_params(param_shapes(abstract), {k: np.shape(v) for k, v in flat.items()}, what)
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    for path, var in nnx.to_flat_state(params):
+        var.set_value(jnp.asarray(np.asarray(flat[".".join(str(k) for k in path)]), var.get_value().dtype))
+    return nnx.merge(graphdef, params, rest)
+

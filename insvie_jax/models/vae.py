@@ -19,6 +19,7 @@ from flax import nnx, struct
 
 from insvie_jax.config import VAEConfig
 from insvie_jax.models.layers import param
+from insvie_jax.models.params import module_from_flat, param_shapes
 
 _CONV3D = ("NDHWC", "DHWIO", "NDHWC")
 _CONV2D = ("NHWC", "HWIO", "NHWC")
@@ -423,6 +424,27 @@ class CogVideoXVAE(nnx.Module):
         return decode_frames(z).astype(jnp.float32)
 
 
+def abstract(cfg: VAEConfig) -> CogVideoXVAE:
+    """The VAE with shapes only (no memory)."""
+    return nnx.eval_shape(lambda: CogVideoXVAE(cfg, rngs=nnx.Rngs(0)))
+
+
 def build(cfg: VAEConfig, seed: int = 0) -> CogVideoXVAE:
-    return CogVideoXVAE(cfg, rngs=nnx.Rngs(seed))
+    """A VAE with PyTorch-style random weights drawn in numpy (uniform ±1/sqrt(fan_in) kernels, unit norms).
+
+    Drawn on the host because initialising its many differently shaped convolutions op by op in JAX compiles
+    each one: about 15 s on CPU even for the tiny VAE, against well under a second here.
+    """
+    rng = np.random.default_rng(seed)
+
+    def draw(name: str, shape: tuple) -> np.ndarray:
+        kind = name.rsplit(".", 1)[1]
+        if kind == "kernel":  # (..., in, out)
+            bound = 1 / np.sqrt(np.prod(shape[:-1]))
+            return rng.uniform(-bound, bound, shape).astype(np.float32)
+        return (np.ones if kind == "scale" else np.zeros)(shape, np.float32)
+
+    model = abstract(cfg)
+    return module_from_flat(model, {name: draw(name, shape) for name, shape in param_shapes(model).items()},
+                            "random VAE")
 

@@ -26,7 +26,6 @@ from insvie_jax.config import Config
 from insvie_jax.models import t5 as t5_model
 from insvie_jax.models import transformer as tr
 from insvie_jax.models import vae as vae_model
-from insvie_jax.models.params import param_shapes
 from insvie_jax.sample import loop
 from insvie_jax.sample import video as videolib
 
@@ -85,27 +84,9 @@ def _transformer_weights(cfg: Config, checkpoint: str | None):
     return flat, dataclasses.replace(ckpt_cfg, **{k: getattr(cfg.model, k) for k in RUNTIME_FIELDS})
 
 
-def random_vae(cfg: configlib.VAEConfig, seed: int) -> vae_model.CogVideoXVAE:
-    """A VAE with PyTorch-style random weights drawn in numpy: initialising its many differently shaped
-    convolutions op by op in JAX compiles each one (about 15 s on CPU even for the tiny VAE)."""
-    from insvie_jax.convert.vae_keys import vae_with_params
-
-    rng = np.random.default_rng(seed)
-    shapes = param_shapes(nnx.eval_shape(lambda: vae_model.CogVideoXVAE(cfg, rngs=nnx.Rngs(0))))
-
-    def draw(name: str, shape: tuple) -> np.ndarray:
-        kind = name.rsplit(".", 1)[1]
-        if kind == "kernel":  # (..., in, out): uniform in ±1/sqrt(fan_in)
-            bound = 1 / np.sqrt(np.prod(shape[:-1]))
-            return rng.uniform(-bound, bound, shape).astype(np.float32)
-        return (np.ones if kind == "scale" else np.zeros)(shape, np.float32)
-
-    return vae_with_params(cfg, {name: draw(name, shape) for name, shape in shapes.items()}, "random VAE")
-
-
 def _load_vae(cfg: Config, path: str):
     if not path:
-        return random_vae(cfg.vae, RANDOM_WEIGHTS_SEED), cfg.vae.scaling_factor
+        return vae_model.build(cfg.vae, RANDOM_WEIGHTS_SEED), cfg.vae.scaling_factor
     from insvie_jax.convert.vae_keys import load_vae
 
     folder = Path(path)
