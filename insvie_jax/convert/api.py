@@ -244,16 +244,78 @@ def save_transformer(model, config: ModelConfig, path: str | Path, format: str =
     return write_flat(flat_params(model), config, path, format, dtype)
 
 
+class UnsupportedConversion(ValueError):
+    """A conversion that cannot be made: a format the model has no writer for, or options for another model."""
+
+
+MODELS = ("transformer", "vae", "t5")
+NATIVE_FORMATS = {NATIVE_FORMAT: "transformer", "insvie-jax-vae": "vae", "insvie-jax-t5": "t5"}
+
+
+def detect_model(path: str | Path) -> str:
+    """Which model a checkpoint holds: a config.json naming AutoencoderKLCogVideoX is a VAE, one with T5Config
+    fields (`d_kv`, `feed_forward_proj`) a T5, a `.pt` whose `state_dict` holds `encoder.`/`decoder.` tensors a
+    SAT VAE, a native folder says so; anything else is taken for the transformer (whose reader names problems)."""
+    from insvie_jax.convert import vae_keys
+
+    path = Path(path)
+    if not path.exists():
+        raise NotACheckpoint(f"checkpoint path does not exist: {path}")
+    if files.native_format(path) in NATIVE_FORMATS:
+        return NATIVE_FORMATS[files.native_format(path)]
+    if (path / "config.json").is_file():
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except json.JSONDecodeError as err:
+            raise NotACheckpoint(f"{path / 'config.json'} is not valid JSON: {err}") from None
+        if config.get("_class_name") == "AutoencoderKLCogVideoX":
+            return "vae"
+        if "d_kv" in config and "feed_forward_proj" in config:
+            return "t5"
+    if vae_keys.is_sat_vae(path):
+        return "vae"
+    return "transformer"
+
+
 def convert_main(src: str, dst: str, to: str = "native", dtype: str = "fp32", merge_lora: bool = False,
-                 sat_config: str | None = None) -> Path:
-    """`insvie-jax convert SRC DST --to FORMAT`: converts without building the model, with progress bars."""
+                 sat_config: str | None = None, model: str | None = None, config: config_lib.Config | None = None,
+                 max_shard_bytes: int | None = None) -> Path:
+    """`insvie-jax convert SRC DST --to FORMAT [--model transformer|vae|t5]`: converts without building the
+    model, with progress bars over the tensors. The model is detected from SRC unless named; a T5's tokenizer
+    files travel with it. `config`'s `vae` section supplies what a SAT 3d-vae.pt cannot tell (norm groups,
+    temporal compression, scaling factor; default: CogVideoX's)."""
     from tqdm import tqdm
+
+    from insvie_jax.convert import t5_keys, vae_keys
+
+    model = model or detect_model(src)
+    writable = {"transformer": FORMATS, "vae": vae_keys.FORMATS, "t5": t5_keys.FORMATS}
+    if model not in writable:
+        raise UnsupportedConversion(f"model {model!r}: expected one of {', '.join(MODELS)}")
+    if to not in writable[model]:
+        raise UnsupportedConversion(f"a {model} converts to {' | '.join(writable[model])}, not {to!r} "
+                                    f"(source {src}): choose --to among those")
+    if model != "transformer" and (merge_lora or sat_config):
+        raise UnsupportedConversion(f"--merge-lora and --sat-config apply to transformer checkpoints; {src} is a "
+                                    f"{model}")
+    if model == "transformer" and config is not None:
+        raise UnsupportedConversion(f"{src} is a transformer: its sizes come from the checkpoint or --sat-config, "
+                                    "not --config")
 
     def progress(iterable, desc):
         items = list(iterable)
         return tqdm(items, desc=desc, unit="tensor", leave=False)
 
-    flat, cfg = read_flat(src, sat_config, merge_lora, progress)
-    out = write_flat(flat, cfg, dst, to, dtype, progress)
-    print(f"{src} -> {out} ({to}, {dtype}): {len(flat)} tensors, {sum(v.size for v in flat.values()):,} parameters")
+    shards = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
+    if model == "vae":
+        flat, cfg = vae_keys.read_vae(src, config.vae if config else None, progress)
+        out = vae_keys.write_vae(flat, cfg, dst, to, dtype, progress, **shards)
+    elif model == "t5":
+        flat, cfg = t5_keys.read_t5(src, config.text_encoder if config else None, files.DTYPES[dtype], progress)
+        out = t5_keys.write_t5(flat, cfg, dst, to, dtype, t5_keys.tokenizer_folder(src), progress, **shards)
+    else:
+        flat, cfg = read_flat(src, sat_config, merge_lora, progress)
+        out = write_flat(flat, cfg, dst, to, dtype, progress, **shards)
+    print(f"{src} -> {out} ({model}, {to}, {dtype}): {len(flat)} tensors, "
+          f"{sum(v.size for v in flat.values()):,} parameters")
     return out

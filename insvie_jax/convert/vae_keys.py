@@ -16,6 +16,7 @@ imports torch (lazily).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 from pathlib import Path
@@ -308,6 +309,13 @@ def _read(path: Path, base: VAEConfig, progress: Progress) -> tuple[dict[str, np
 
 
 def vae_shapes(cfg: VAEConfig) -> dict[str, tuple[int, ...]]:
+    """Our parameter shapes for `cfg` (tracing the model's construction takes a second or two: cached)."""
+    return dict(_vae_shapes(json.dumps(dataclasses.asdict(cfg), sort_keys=True)))
+
+
+@functools.lru_cache(maxsize=8)
+def _vae_shapes(cfg_json: str) -> dict[str, tuple[int, ...]]:
+    cfg = VAEConfig(**json.loads(cfg_json))
     return param_shapes(nnx.eval_shape(lambda: vae_model.CogVideoXVAE(cfg, rngs=nnx.Rngs(0))))
 
 
