@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from pathlib import Path
 
 import jax
 import ml_dtypes
@@ -36,8 +35,9 @@ FP32_TOL = 1e-5
 
 VAE_CFG = VAEConfig(block_out_channels=[8, 16, 16, 16], layers_per_block=1, norm_num_groups=4, dtype="float32",
                     tile_sample_height=32, tile_sample_width=48, encode_frame_batch=0, decode_frame_batch=0)
-T5_HF = dict(vocab_size=100, d_model=32, d_kv=8, num_heads=4, num_layers=2, d_ff=48, feed_forward_proj="gated-gelu",
-             relative_attention_num_buckets=8, relative_attention_max_distance=20, dropout_rate=0.0)
+T5_HF = {"vocab_size": 100, "d_model": 32, "d_kv": 8, "num_heads": 4, "num_layers": 2, "d_ff": 48,
+         "feed_forward_proj": "gated-gelu", "relative_attention_num_buckets": 8, "relative_attention_max_distance": 20,
+         "dropout_rate": 0.0}
 T5_CFG = TextEncoderConfig(**{k: T5_HF[k] for k in ("vocab_size", "d_model", "d_kv", "num_heads", "num_layers", "d_ff",
                                                      "relative_attention_num_buckets",
                                                      "relative_attention_max_distance")}, dtype="float32")
@@ -51,9 +51,9 @@ def rel(a, b) -> float:
 
 def assert_same_tensors(got: dict, want: dict) -> None:
     assert sorted(got) == sorted(want)
-    for key in want:
-        assert got[key].dtype == want[key].dtype, key
-        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    for key, value in want.items():
+        assert got[key].dtype == value.dtype, key
+        np.testing.assert_array_equal(got[key], value, err_msg=key)
 
 
 def torch_numpy(sd: dict) -> dict:
@@ -181,7 +181,7 @@ def test_t5_hf_native_hf_is_bit_exact(t5_dir, tmp_path):
     back = api.convert_main(str(native), str(tmp_path / "back"), to="hf", max_shard_bytes=20_000)
     index = json.loads((back / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
-    assert len(shards) > 1 and shards[0] == "model-00001-of-%05d.safetensors" % len(shards)
+    assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
     got = {k: v for shard in shards for k, v in load_file(back / shard).items()}
     assert_same_tensors(got, load_file(t5_dir / "model.safetensors"))
     ours, theirs = (json.loads((d / "config.json").read_text()) for d in (back, t5_dir))

@@ -8,6 +8,8 @@
 
 Everything passes through flat `{"a.b.kernel": np.ndarray}` params; writes go to a temporary sibling that
 is renamed into place at the end, so an interrupted write leaves nothing half-written under the target name.
+`convert_main` (the `convert` command) also converts the VAE (vae_keys: native | sat | diffusers) and the T5
+encoder (t5_keys: native | hf), detecting which model a path holds.
 """
 
 from __future__ import annotations
@@ -311,7 +313,8 @@ def convert_main(src: str, dst: str, to: str = "native", dtype: str = "fp32", me
         flat, cfg = vae_keys.read_vae(src, config.vae if config else None, progress)
         out = vae_keys.write_vae(flat, cfg, dst, to, dtype, progress, **shards)
     elif model == "t5":
-        flat, cfg = t5_keys.read_t5(src, config.text_encoder if config else None, files.DTYPES[dtype], progress)
+        flat, cfg = t5_keys.read_t5(src, config.text_encoder if config else None,
+                                     files.DTYPES.get(dtype, np.float32), progress)
         out = t5_keys.write_t5(flat, cfg, dst, to, dtype, t5_keys.tokenizer_folder(src), progress, **shards)
     else:
         flat, cfg = read_flat(src, sat_config, merge_lora, progress)

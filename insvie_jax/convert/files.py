@@ -13,8 +13,8 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import ml_dtypes
 import numpy as np
@@ -134,9 +134,9 @@ def safetensors_files(folder: Path, weights: str) -> list[str]:
 
 def package_version(name: str, fallback: str) -> str:
     """The installed version of a library whose format we write (recorded in config.json), else `fallback`."""
-    try:
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
         return version(name)
-    except Exception:  # the library is not needed to write its format
+    except PackageNotFoundError:  # the library is not needed to write its format
         return fallback

@@ -14,8 +14,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import jax
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so safetensors' numpy API reads BF16 files)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import pickle
 import re
 from pathlib import Path
 
@@ -273,7 +274,8 @@ def is_sat_vae(path: str | Path) -> bool:
         return False
     try:
         saved = sat.torch_load(file)
-    except Exception:  # unreadable as weights: not a SAT VAE (the transformer reader names the problem)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError):  # not readable as weights: not a SAT VAE
+        # (the transformer reader, which gets everything else, names the problem)
         return False
     sd = saved.get("state_dict") if isinstance(saved, dict) else None
     return isinstance(sd, dict) and any(str(k).startswith(("encoder.", "decoder.")) for k in sd)
