@@ -363,11 +363,11 @@ def write_vae(flat: dict[str, np.ndarray], cfg: VAEConfig, path: str | Path, for
         else:
             import torch
 
-            sd = diffusers_to_sat(vae_to_diffusers(flat))
+            sd = files.cast(diffusers_to_sat(vae_to_diffusers(flat)), dtype, progress)
             state = {k: sat.to_torch(v, dtype) for k, v in progress(sd.items(), "write SAT VAE")}
-            if tmp.suffix not in SAT_SUFFIXES:
-                tmp.mkdir(parents=True)
-            torch.save({"state_dict": state}, tmp if tmp.suffix in SAT_SUFFIXES else tmp / SAT_FILE)
+            file = tmp if tmp.suffix in SAT_SUFFIXES else tmp / SAT_FILE
+            file.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"state_dict": state}, file)
     return Path(path).absolute()
 
 
