@@ -2,7 +2,7 @@
 
 Public API (imported on first use, so `import insvie_jax` stays light):
 `load_transformer(path) -> (model, config)`, `save_transformer(model, config, path, format=...)`,
-`load_t5(path) -> (model, config)`; configs through `insvie_jax.config.load(path, overrides)`.
+`load_vae` / `save_vae`, `load_t5` / `save_t5` likewise; configs through `insvie_jax.config.load(path, overrides)`.
 """
 
 __version__ = "0.1.0"
@@ -10,7 +10,10 @@ __version__ = "0.1.0"
 _LAZY = {
     "load_transformer": "insvie_jax.convert.api",
     "save_transformer": "insvie_jax.convert.api",
+    "load_vae": "insvie_jax.convert.vae_keys",
+    "save_vae": "insvie_jax.convert.vae_keys",
     "load_t5": "insvie_jax.convert.t5_keys",
+    "save_t5": "insvie_jax.convert.t5_keys",
 }
 
 

@@ -8,42 +8,34 @@
 
 Everything passes through flat `{"a.b.kernel": np.ndarray}` params; writes go to a temporary sibling that
 is renamed into place at the end, so an interrupted write leaves nothing half-written under the target name.
+`convert_main` (the `convert` command) also converts the VAE (vae_keys: native | sat | diffusers) and the T5
+encoder (t5_keys: native | hf), detecting which model a path holds.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
-from typing import Callable, Iterable
 
-import ml_dtypes
 import numpy as np
 import yaml
 
 from insvie_jax import config as config_lib
 from insvie_jax.config import ModelConfig
-from insvie_jax.convert import diffusers_keys, sat, sat_keys
+from insvie_jax.convert import diffusers_keys, files, sat, sat_keys
+from insvie_jax.convert.files import Progress
+from insvie_jax.convert.files import quiet as _quiet
 from insvie_jax.convert.sat import NotACheckpoint
 from insvie_jax.models import transformer as tr
 from insvie_jax.models.params import ParamMismatch, check_params, flat_params, module_from_flat, param_shapes
 
 FORMATS = ("native", "sat", "diffusers")
-DTYPES = {"fp32": np.float32, "bf16": ml_dtypes.bfloat16, "fp16": np.float16}
 NATIVE_FORMAT = "insvie-jax-transformer"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX = WEIGHTS + ".index.json"
 MAX_SHARD_BYTES = 10 * 2**30  # diffusers' default shard size
 PRESETS = ("cogvideox-2b-edit", "cogvideox-5b-edit", "tiny")
-
-Progress = Callable[[Iterable, str], Iterable]
-
-
-def _quiet(iterable, desc):
-    return iterable
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -59,7 +51,7 @@ def detect_format(path: str | Path) -> str:
     if (path / WEIGHTS).is_file() or (path / WEIGHTS_INDEX).is_file() or (path / "transformer" / WEIGHTS).is_file() \
             or (path / "transformer" / WEIGHTS_INDEX).is_file():
         return "diffusers"
-    if (path / "config.json").is_file() and (path / "params").is_dir():
+    if files.native_format(path) == NATIVE_FORMAT:
         return "native"
     raise NotACheckpoint(
         f"{path} is not a transformer checkpoint: expected a SAT folder ('latest' + <iter>/{sat.STATES_FILE}) or "
@@ -152,12 +144,8 @@ def _read_diffusers(path: Path, progress: Progress):
     if config.get("_class_name", "CogVideoXTransformer3DModel") != "CogVideoXTransformer3DModel":
         raise NotACheckpoint(f"{path}/config.json describes a {config['_class_name']}, not the CogVideoX transformer")
     cfg = diffusers_keys.config_from_diffusers(config)
-    if (path / WEIGHTS_INDEX).is_file():
-        files = sorted(set(json.loads((path / WEIGHTS_INDEX).read_text())["weight_map"].values()))
-    else:
-        files = [WEIGHTS]
     sd = {}
-    for name in files:
+    for name in files.safetensors_files(path, WEIGHTS):
         with safe_open(path / name, framework="numpy") as f:
             for key in progress(list(f.keys()), f"read {name}"):
                 sd[key] = f.get_tensor(key)
@@ -185,14 +173,8 @@ def _diffusers_names(cfg: ModelConfig) -> set[str]:
 
 
 def _read_native(path: Path, progress: Progress):
-    import orbax.checkpoint as ocp
-
-    meta = json.loads((path / "config.json").read_text())
-    if meta.get("format") != NATIVE_FORMAT:
-        raise NotACheckpoint(f"{path}/config.json is not an insvie-jax transformer config (format {meta.get('format')!r})")
+    flat, meta = files.read_native(path, NATIVE_FORMAT, progress)
     cfg = config_lib.from_dict({"model": meta["model"]}).model
-    restored = ocp.PyTreeCheckpointer().restore((path / "params").absolute())
-    flat = {k: np.asarray(v) for k, v in progress(restored.items(), "read native")}
     check_flat(flat, cfg, f"native checkpoint {path}")
     return flat, cfg
 
@@ -213,85 +195,26 @@ def read_flat(path: str | Path, sat_config=None, merge_lora: bool = True,
 # Writers: (flat params, config) -> path
 
 
-def _cast(flat: dict[str, np.ndarray], dtype: str, progress: Progress) -> dict[str, np.ndarray]:
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    return {k: np.asarray(v).astype(DTYPES[dtype], copy=False) for k, v in progress(flat.items(), f"cast {dtype}")}
-
-
-def _write_native(flat, cfg: ModelConfig, out: Path, progress: Progress) -> None:
-    import orbax.checkpoint as ocp
-
-    out.mkdir(parents=True)
-    (out / "config.json").write_text(json.dumps({"format": NATIVE_FORMAT, "model": dataclasses.asdict(cfg)}, indent=2))
-    checkpointer = ocp.PyTreeCheckpointer()
-    checkpointer.save((out / "params").absolute(), dict(progress(flat.items(), "write native")))
-
-
-def _write_diffusers(sd: dict[str, np.ndarray], cfg: ModelConfig, out: Path, progress: Progress,
-                     max_shard_bytes: int) -> None:
-    from safetensors.numpy import save_file
-
-    out.mkdir(parents=True)
-    config = {**diffusers_keys.diffusers_config(cfg), "_diffusers_version": _diffusers_version()}
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    shards: list[dict] = [{}]
-    size = 0
-    for key in sorted(sd):
-        nbytes = sd[key].nbytes
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = sd[key]
-        size += nbytes
-    if len(shards) == 1:
-        save_file(dict(progress(shards[0].items(), "write diffusers")), out / WEIGHTS, metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        name = WEIGHTS.replace(".safetensors", f"-{i + 1:05d}-of-{len(shards):05d}.safetensors")
-        save_file(dict(progress(shard.items(), f"write {name}")), out / name, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, name))
-    index = {"metadata": {"total_size": sum(v.nbytes for v in sd.values())}, "weight_map": weight_map}
-    (out / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2))
-
-
-def _diffusers_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("diffusers")
-    except Exception:  # diffusers is not needed to write its format
-        return "0.30.0"
-
-
 def write_flat(flat: dict[str, np.ndarray], cfg: ModelConfig, path: str | Path, format: str = "native",
                dtype: str = "fp32", progress: Progress = _quiet, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     """Writes `flat` in `format` to `path` via a temporary sibling renamed at the end; returns the path."""
     if format not in FORMATS:
         raise ValueError(f"format {format!r}: expected one of {', '.join(FORMATS)}")
     check_flat(flat, cfg, "parameters to save")
-    path = Path(path).absolute()
-    if path.exists():
-        raise FileExistsError(f"{path} exists; remove it or choose another destination")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}")
-    try:
+    with files.staged(path) as tmp:
         if format == "native":
-            _write_native(_cast(flat, dtype, progress), cfg, tmp, progress)
+            files.write_native(files.cast(flat, dtype, progress), NATIVE_FORMAT, "model", cfg, tmp, progress)
         elif format == "diffusers":
-            sd = diffusers_keys.transformer_to_diffusers(flat, cfg)
-            _write_diffusers(_cast(sd, dtype, progress), cfg, tmp, progress, max_shard_bytes)
+            sd = files.cast(diffusers_keys.transformer_to_diffusers(flat, cfg), dtype, progress)
+            tmp.mkdir(parents=True)
+            config = {**diffusers_keys.diffusers_config(cfg),
+                      "_diffusers_version": files.package_version("diffusers", "0.30.0")}
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+            files.write_safetensors(sd, tmp, WEIGHTS, max_shard_bytes, progress)
         else:  # a `.pt` destination gets the file alone, a folder SAT's layout
             sd = sat_keys.transformer_to_sat(flat, cfg)
             sat.write_module({sat_keys.PREFIX + k: v for k, v in sd.items()}, tmp, dtype, progress)
-        os.replace(tmp, path)
-    finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp)
-        elif tmp.exists():
-            tmp.unlink()
-    return path
+    return Path(path).absolute()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -316,16 +239,79 @@ def save_transformer(model, config: ModelConfig, path: str | Path, format: str =
     return write_flat(flat_params(model), config, path, format, dtype)
 
 
+class UnsupportedConversion(ValueError):
+    """A conversion that cannot be made: a format the model has no writer for, or options for another model."""
+
+
+MODELS = ("transformer", "vae", "t5")
+NATIVE_FORMATS = {NATIVE_FORMAT: "transformer", "insvie-jax-vae": "vae", "insvie-jax-t5": "t5"}
+
+
+def detect_model(path: str | Path) -> str:
+    """Which model a checkpoint holds: a config.json naming AutoencoderKLCogVideoX is a VAE, one with T5Config
+    fields (`d_kv`, `feed_forward_proj`) a T5, a `.pt` whose `state_dict` holds `encoder.`/`decoder.` tensors a
+    SAT VAE, a native folder says so; anything else is taken for the transformer (whose reader names problems)."""
+    from insvie_jax.convert import vae_keys
+
+    path = Path(path)
+    if not path.exists():
+        raise NotACheckpoint(f"checkpoint path does not exist: {path}")
+    if files.native_format(path) in NATIVE_FORMATS:
+        return NATIVE_FORMATS[files.native_format(path)]
+    if (path / "config.json").is_file():
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except json.JSONDecodeError as err:
+            raise NotACheckpoint(f"{path / 'config.json'} is not valid JSON: {err}") from None
+        if config.get("_class_name") == "AutoencoderKLCogVideoX":
+            return "vae"
+        if "d_kv" in config and "feed_forward_proj" in config:
+            return "t5"
+    if vae_keys.is_sat_vae(path):
+        return "vae"
+    return "transformer"
+
+
 def convert_main(src: str, dst: str, to: str = "native", dtype: str = "fp32", merge_lora: bool = False,
-                 sat_config: str | None = None) -> Path:
-    """`insvie-jax convert SRC DST --to FORMAT`: converts without building the model, with progress bars."""
+                 sat_config: str | None = None, model: str | None = None, config: config_lib.Config | None = None,
+                 max_shard_bytes: int | None = None) -> Path:
+    """`insvie-jax convert SRC DST --to FORMAT [--model transformer|vae|t5]`: converts without building the
+    model, with progress bars over the tensors. The model is detected from SRC unless named; a T5's tokenizer
+    files travel with it. `config`'s `vae` section supplies what a SAT 3d-vae.pt cannot tell (norm groups,
+    temporal compression, scaling factor; default: CogVideoX's)."""
     from tqdm import tqdm
+
+    from insvie_jax.convert import t5_keys, vae_keys
+
+    model = model or detect_model(src)
+    writable = {"transformer": FORMATS, "vae": vae_keys.FORMATS, "t5": t5_keys.FORMATS}
+    if model not in writable:
+        raise UnsupportedConversion(f"model {model!r}: expected one of {', '.join(MODELS)}")
+    if to not in writable[model]:
+        raise UnsupportedConversion(f"a {model} converts to {' | '.join(writable[model])}, not {to!r} "
+                                    f"(source {src}): choose --to among those")
+    if model != "transformer" and (merge_lora or sat_config):
+        raise UnsupportedConversion(f"--merge-lora and --sat-config apply to transformer checkpoints; {src} is a "
+                                    f"{model}")
+    if model == "transformer" and config is not None:
+        raise UnsupportedConversion(f"{src} is a transformer: its sizes come from the checkpoint or --sat-config, "
+                                    "not --config")
 
     def progress(iterable, desc):
         items = list(iterable)
         return tqdm(items, desc=desc, unit="tensor", leave=False)
 
-    flat, cfg = read_flat(src, sat_config, merge_lora, progress)
-    out = write_flat(flat, cfg, dst, to, dtype, progress)
-    print(f"{src} -> {out} ({to}, {dtype}): {len(flat)} tensors, {sum(v.size for v in flat.values()):,} parameters")
+    shards = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
+    if model == "vae":
+        flat, cfg = vae_keys.read_vae(src, config.vae if config else None, progress)
+        out = vae_keys.write_vae(flat, cfg, dst, to, dtype, progress, **shards)
+    elif model == "t5":
+        flat, cfg = t5_keys.read_t5(src, config.text_encoder if config else None,
+                                     files.DTYPES.get(dtype, np.float32), progress)
+        out = t5_keys.write_t5(flat, cfg, dst, to, dtype, t5_keys.tokenizer_folder(src), progress, **shards)
+    else:
+        flat, cfg = read_flat(src, sat_config, merge_lora, progress)
+        out = write_flat(flat, cfg, dst, to, dtype, progress, **shards)
+    print(f"{src} -> {out} ({model}, {to}, {dtype}): {len(flat)} tensors, "
+          f"{sum(v.size for v in flat.values()):,} parameters")
     return out

@@ -51,7 +51,7 @@ def _to_numpy(tensor) -> np.ndarray:
     return tensor.numpy()
 
 
-def _to_torch(array: np.ndarray, dtype: str):
+def to_torch(array: np.ndarray, dtype: str):
     import torch
 
     array = np.ascontiguousarray(array)
@@ -62,18 +62,23 @@ def _to_torch(array: np.ndarray, dtype: str):
     return tensor.to({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
 
 
-def read_module(path: str | Path, progress: Callable[[Iterable, str], Iterable] = lambda it, desc: it) -> dict:
-    """The `module` state dict of a SAT checkpoint as numpy arrays, read memory-mapped and weights-only."""
+def torch_load(file: str | Path):
+    """A torch pickle loaded weights-only onto the CPU, memory-mapped when its format allows."""
     import torch
 
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as err:  # files in the pre-zip format cannot be memory-mapped
+        if "mmap" not in str(err):
+            raise
+        return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def read_module(path: str | Path, progress: Callable[[Iterable, str], Iterable] = lambda it, desc: it) -> dict:
+    """The `module` state dict of a SAT checkpoint as numpy arrays, read memory-mapped and weights-only."""
     file = states_file(path)
     try:
-        try:
-            saved = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:  # files in the pre-zip format cannot be memory-mapped
-            if "mmap" not in str(err):
-                raise
-            saved = torch.load(file, map_location="cpu", weights_only=True)
+        saved = torch_load(file)
     except pickle.UnpicklingError as err:
         unsupported = [line.strip() for line in str(err).splitlines() if "Unsupported global" in line]
         if not unsupported:
@@ -95,7 +100,7 @@ def write_module(module: dict[str, np.ndarray], path: str | Path, dtype: str,
     """Writes `{'module': state_dict}` as SAT saves it: a `.pt` path gets the file, a folder the full layout."""
     import torch
 
-    state = {k: _to_torch(v, dtype) for k, v in progress(module.items(), "write SAT")}
+    state = {k: to_torch(v, dtype) for k, v in progress(module.items(), "write SAT")}
     path = Path(path)
     if path.suffix == ".pt":
         torch.save({"module": state}, path)

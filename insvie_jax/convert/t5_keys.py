@@ -1,18 +1,21 @@
-"""T5 encoder: Hugging Face `T5EncoderModel` checkpoints <-> our parameters, the folder loader, the tokenizer.
+"""T5 encoder: Hugging Face `T5EncoderModel` checkpoints <-> our parameters, the folder reader and writer
+(Hugging Face or native: config.json + orbax `params/`), the tokenizer.
 
 No torch: safetensors are read through their numpy API (memory-mapped), one Hugging Face tensor at a time.
 PyTorch Linear weights are (out, in); our kernels are (in..., out...) with per-layer parameters stacked on
 a leading `layers` axis, q/k/v fused into one (embed, 3, heads, head_dim) kernel and wi_0/wi_1 into one
 (embed, 2, mlp) kernel. The relative position bias table, stored in block 0, is the encoder's own here.
-Decoder and lm_head tensors of a full T5 checkpoint are ignored.
+Decoder and lm_head tensors of a full T5 checkpoint are ignored. Exports hold the tokens table as `shared.weight`
+only, as `T5EncoderModel.save_pretrained` writes it (the encoder's table is tied to it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import jax
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so safetensors' numpy API reads BF16 files)
@@ -20,10 +23,20 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, Sharding
 
+from insvie_jax import config as config_lib
 from insvie_jax.config import MeshConfig, TextEncoderConfig
+from insvie_jax.convert import files
+from insvie_jax.convert.files import Progress, quiet
 from insvie_jax.models import t5
-from insvie_jax.models.params import check_params
+from insvie_jax.models.params import check_params, flat_params
 from insvie_jax.parallel.sharding import logical_to_spec
+
+FORMATS = ("native", "hf")
+NATIVE_FORMAT = "insvie-jax-t5"
+WEIGHTS = "model.safetensors"
+MAX_SHARD_BYTES = 5 * 10**9  # transformers' customary shard size ("5GB")
+TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json")
 
 EMBED_KEY = "encoder.embed_tokens.weight"
 SHARED_KEY = "shared.weight"  # the same (tied) table; a file written with tied weights may hold only this one
@@ -32,95 +45,121 @@ FINAL_NORM_KEY = "encoder.final_layer_norm.weight"
 
 Read = Callable[[str], np.ndarray]
 
-
-def _layer_key(i: int, name: str) -> str:
-    return f"encoder.block.{i}.{name}"
-
-
-_ATTN = "layer.0.SelfAttention."
-_FF = "layer.1.DenseReluDense."
-
-
-def hf_shapes(cfg: TextEncoderConfig) -> dict[str, tuple[int, ...]]:
-    """Every Hugging Face encoder tensor our model needs, with its PyTorch shape."""
-    d, inner, f = cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.d_ff
-    shapes = {
-        EMBED_KEY: (cfg.vocab_size, d),
-        BIAS_KEY: (cfg.relative_attention_num_buckets, cfg.num_heads),
-        FINAL_NORM_KEY: (d,),
-    }
-    for i in range(cfg.num_layers):
-        shapes.update({
-            _layer_key(i, "layer.0.layer_norm.weight"): (d,),
-            _layer_key(i, _ATTN + "q.weight"): (inner, d),
-            _layer_key(i, _ATTN + "k.weight"): (inner, d),
-            _layer_key(i, _ATTN + "v.weight"): (inner, d),
-            _layer_key(i, _ATTN + "o.weight"): (d, inner),
-            _layer_key(i, "layer.1.layer_norm.weight"): (d,),
-            _layer_key(i, _FF + "wi_0.weight"): (f, d),
-            _layer_key(i, _FF + "wi_1.weight"): (f, d),
-            _layer_key(i, _FF + "wo.weight"): (d, f),
-        })
-    return shapes
+_LAYER = "encoder.block.{i}."
+_ATTN = _LAYER + "layer.0.SelfAttention."
+_FF = _LAYER + "layer.1.DenseReluDense."
 
 
 @dataclasses.dataclass(frozen=True)
 class _Rule:
-    """How one of our parameters is made: from the whole checkpoint, or layer by layer (stacked)."""
+    """One of our parameters and the Hugging Face tensors it is made of. `hf` names with `{i}` are per layer
+    (ours stacks them on a leading axis); several names are fused on axis 1 of ours (after the input axis);
+    `linear` tensors are PyTorch (out, in) matrices, so ours holds them transposed."""
 
-    convert: Callable  # (read) -> array, or (read, layer) -> one layer's array when `stacked`
-    stacked: bool
+    hf: tuple[str, ...]
+    linear: bool = False
+
+    @property
+    def stacked(self) -> bool:
+        return "{i}" in self.hf[0]
 
 
-def conversion_rules(cfg: TextEncoderConfig) -> dict[str, _Rule]:
-    """Our flat parameter name -> how to build it from Hugging Face tensors (read one at a time)."""
-    d, h, dk = cfg.d_model, cfg.num_heads, cfg.d_kv
+RULES = {
+    "embedding": _Rule((EMBED_KEY,)),
+    "relative_attention_bias": _Rule((BIAS_KEY,)),
+    "final_norm.scale": _Rule((FINAL_NORM_KEY,)),
+    "blocks.attn_norm.scale": _Rule((_LAYER + "layer.0.layer_norm.weight",)),
+    "blocks.attn.qkv.kernel": _Rule(tuple(_ATTN + f"{n}.weight" for n in "qkv"), linear=True),
+    "blocks.attn.out.kernel": _Rule((_ATTN + "o.weight",), linear=True),
+    "blocks.ff_norm.scale": _Rule((_LAYER + "layer.1.layer_norm.weight",)),
+    "blocks.ff.wi.kernel": _Rule((_FF + "wi_0.weight", _FF + "wi_1.weight"), linear=True),
+    "blocks.ff.wo.kernel": _Rule((_FF + "wo.weight",), linear=True),
+}
 
-    def qkv(read, i):
-        return np.stack([read(_layer_key(i, _ATTN + f"{n}.weight")).T.reshape(d, h, dk) for n in "qkv"], axis=1)
 
-    def wi(read, i):
-        return np.stack([read(_layer_key(i, _FF + f"wi_{j}.weight")).T for j in (0, 1)], axis=1)
-
+def _torch_shapes(cfg: TextEncoderConfig) -> dict[str, tuple[int, ...]]:
+    """PyTorch shape of each Hugging Face tensor name template (layer names with `{i}`)."""
+    d, inner, f = cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.d_ff
     return {
-        "embedding": _Rule(lambda read: read(EMBED_KEY), False),
-        "relative_attention_bias": _Rule(lambda read: read(BIAS_KEY), False),
-        "final_norm.scale": _Rule(lambda read: read(FINAL_NORM_KEY), False),
-        "blocks.attn_norm.scale": _Rule(lambda read, i: read(_layer_key(i, "layer.0.layer_norm.weight")), True),
-        "blocks.attn.qkv.kernel": _Rule(qkv, True),
-        "blocks.attn.out.kernel": _Rule(lambda read, i: read(_layer_key(i, _ATTN + "o.weight")).T.reshape(h, dk, d),
-                                        True),
-        "blocks.ff_norm.scale": _Rule(lambda read, i: read(_layer_key(i, "layer.1.layer_norm.weight")), True),
-        "blocks.ff.wi.kernel": _Rule(wi, True),
-        "blocks.ff.wo.kernel": _Rule(lambda read, i: read(_layer_key(i, _FF + "wo.weight")).T, True),
+        EMBED_KEY: (cfg.vocab_size, d),
+        BIAS_KEY: (cfg.relative_attention_num_buckets, cfg.num_heads),
+        FINAL_NORM_KEY: (d,),
+        _LAYER + "layer.0.layer_norm.weight": (d,),
+        **{_ATTN + f"{n}.weight": (inner, d) for n in "qkv"},
+        _ATTN + "o.weight": (d, inner),
+        _LAYER + "layer.1.layer_norm.weight": (d,),
+        _FF + "wi_0.weight": (f, d),
+        _FF + "wi_1.weight": (f, d),
+        _FF + "wo.weight": (d, f),
     }
+
+
+def hf_shapes(cfg: TextEncoderConfig) -> dict[str, tuple[int, ...]]:
+    """Every Hugging Face encoder tensor our model needs, with its PyTorch shape."""
+    shapes = {}
+    for name, shape in _torch_shapes(cfg).items():
+        for i in range(cfg.num_layers) if "{i}" in name else (None,):
+            shapes[name.format(i=i)] = shape
+    return shapes
+
+
+def _to_ours(rule: _Rule, read: Read, shape: tuple[int, ...], layer: int | None = None) -> np.ndarray:
+    """Our parameter (one layer's slice of it when stacked), of `shape`, from the Hugging Face tensors."""
+    parts = [read(name.format(i=layer)) for name in rule.hf]
+    if rule.linear:
+        parts = [p.T for p in parts]
+    return (parts[0] if len(parts) == 1 else np.stack(parts, axis=1)).reshape(shape)
+
+
+def _to_hf(rule: _Rule, ours: np.ndarray, torch_shapes: dict[str, tuple[int, ...]]) -> list[np.ndarray]:
+    """The inverse of `_to_ours`: the Hugging Face tensors (in `rule.hf` order) of our parameter or layer slice."""
+    parts = [ours] if len(rule.hf) == 1 else [np.take(ours, j, axis=1) for j in range(len(rule.hf))]
+    out = []
+    for name, part in zip(rule.hf, parts):
+        shape = torch_shapes[name]
+        out.append(np.ascontiguousarray(part.reshape(shape[::-1]).T if rule.linear else part.reshape(shape)))
+    return out
 
 
 def _convert_slice(rule: _Rule, read: Read, shape, dtype, index=None) -> np.ndarray:
     """One parameter (or the `index` block of it that one device holds), in `dtype`."""
     index = index or tuple(slice(None) for _ in shape)
     if not rule.stacked:
-        return np.ascontiguousarray(rule.convert(read)[index], dtype)
+        return np.ascontiguousarray(_to_ours(rule, read, shape)[index], dtype)
     layers = range(shape[0])[index[0]]
     out = None
     for j, i in enumerate(layers):
-        layer = rule.convert(read, i)[index[1:]]
+        layer = _to_ours(rule, read, shape[1:], i)[index[1:]]
         if out is None:
             out = np.empty((len(layers), *layer.shape), dtype)
         out[j] = layer
     return out
 
 
-def t5_from_hf(state_dict: dict[str, np.ndarray], cfg: TextEncoderConfig) -> dict[str, np.ndarray]:
-    """A Hugging Face `T5EncoderModel` state dict (numpy) -> our flat params, float32."""
+def t5_from_hf(state_dict: dict[str, np.ndarray], cfg: TextEncoderConfig,
+               dtype=np.float32) -> dict[str, np.ndarray]:
+    """A Hugging Face `T5EncoderModel` state dict (numpy) -> our flat params, in `dtype`."""
     sd = dict(state_dict)
     if EMBED_KEY not in sd and SHARED_KEY in sd:
         sd[EMBED_KEY] = sd[SHARED_KEY]
     found = {k: tuple(np.shape(v)) for k, v in sd.items() if k.startswith("encoder.")}
     check_params(hf_shapes(cfg), found, "T5 state dict")
     shapes = _our_shapes(cfg)
-    return {name: _convert_slice(rule, sd.__getitem__, shapes[name], np.float32)
-            for name, rule in conversion_rules(cfg).items()}
+    return {name: _convert_slice(rule, sd.__getitem__, shapes[name], dtype) for name, rule in RULES.items()}
+
+
+def t5_to_hf(flat: dict[str, np.ndarray], cfg: TextEncoderConfig) -> dict[str, np.ndarray]:
+    """Our flat params -> the state dict `T5EncoderModel.save_pretrained` writes (tokens table as `shared.weight`)."""
+    check_params(_our_shapes(cfg), {k: np.shape(v) for k, v in flat.items()}, "T5 parameters")
+    torch_shapes = _torch_shapes(cfg)
+    sd = {}
+    for name, rule in RULES.items():
+        value = np.asarray(flat[name])
+        for layer in range(cfg.num_layers) if rule.stacked else (None,):
+            tensors = _to_hf(rule, value if layer is None else value[layer], torch_shapes)
+            sd.update({hf.format(i=layer): t for hf, t in zip(rule.hf, tensors)})
+    sd[SHARED_KEY] = sd.pop(EMBED_KEY)
+    return sd
 
 
 def _our_shapes(cfg: TextEncoderConfig) -> dict[str, tuple[int, ...]]:
@@ -151,6 +190,37 @@ def config_from_hf(hf: dict, base: TextEncoderConfig | None = None) -> TextEncod
         relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
         layer_norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-6)),
     )
+
+
+def hf_config(cfg: TextEncoderConfig) -> dict:
+    """The config.json (T5Config fields) of a T5 v1.1 encoder of cfg's sizes, as `save_pretrained` writes it."""
+    return {
+        "architectures": ["T5EncoderModel"],
+        "model_type": "t5",
+        "vocab_size": cfg.vocab_size,
+        "d_model": cfg.d_model,
+        "d_kv": cfg.d_kv,
+        "d_ff": cfg.d_ff,
+        "num_layers": cfg.num_layers,
+        "num_decoder_layers": cfg.num_layers,
+        "num_heads": cfg.num_heads,
+        "relative_attention_num_buckets": cfg.relative_attention_num_buckets,
+        "relative_attention_max_distance": cfg.relative_attention_max_distance,
+        "layer_norm_epsilon": cfg.layer_norm_epsilon,
+        "feed_forward_proj": "gated-gelu",
+        "dense_act_fn": "gelu_new",
+        "is_gated_act": True,
+        "dropout_rate": 0.1,
+        "classifier_dropout": 0.0,
+        "initializer_factor": 1.0,
+        "is_encoder_decoder": False,
+        "is_decoder": False,
+        "tie_word_embeddings": False,  # v1.1: no lm_head tie (the encoder's table is tied to `shared` regardless)
+        "use_cache": False,
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+        "transformers_version": files.package_version("transformers", "4.44.0"),
+    }
 
 
 def _model_folder(path: str | Path) -> Path:
@@ -207,6 +277,32 @@ def _param_shardings(abstract_state, mesh: Mesh | None, rules, shardings) -> dic
     return out
 
 
+def _open(path: str | Path, config: TextEncoderConfig | None, progress: Progress = quiet):
+    """(our config, value) of a Hugging Face or native T5 folder; `value(name, shape, dtype, index=None)` is our
+    parameter `name` (or its `index` block) in `dtype`, built from the checkpoint on demand."""
+    folder = _model_folder(path)
+    if files.native_format(folder) == NATIVE_FORMAT:
+        flat, meta = files.read_native(folder, NATIVE_FORMAT, progress)
+        stored = config_lib.from_dict({"text_encoder": meta["text_encoder"]}).text_encoder
+        cfg = dataclasses.replace(config_from_hf(hf_config(stored), config), path=str(path))
+        check_params(_our_shapes(cfg), {k: v.shape for k, v in flat.items()}, f"native T5 checkpoint {folder}")
+
+        def value(name, shape, dtype, index=None):
+            return np.ascontiguousarray(flat[name][index or ...], dtype)
+
+        return cfg, value
+    cfg = config_from_hf(json.loads((folder / "config.json").read_text()), config)
+    cfg = dataclasses.replace(cfg, path=str(path))
+    reader = _SafetensorsFolder(folder)
+    found = {k: v for k, v in reader.shapes().items() if k.startswith("encoder.")}
+    check_params(hf_shapes(cfg), found, f"T5 checkpoint {folder}")
+
+    def value(name, shape, dtype, index=None):
+        return _convert_slice(RULES[name], reader, shape, dtype, index)
+
+    return cfg, value
+
+
 def load_t5(
     path: str | Path,
     config: TextEncoderConfig | None = None,
@@ -215,39 +311,91 @@ def load_t5(
     rules=None,
     shardings: dict[str, Sharding] | None = None,
 ) -> tuple[t5.T5Encoder, TextEncoderConfig]:
-    """Reads a Hugging Face T5 folder (config.json + safetensors, single or sharded) into our encoder.
+    """Reads a Hugging Face T5 folder (config.json + safetensors, single or sharded) or a native folder
+    (config.json + orbax params/) into our encoder.
 
     Sizes come from config.json; dtypes and `scan_layers` from `config`. Each parameter is converted on its
     own and placed straight onto its sharding: `shardings` (flat name -> Sharding), else from `mesh` and the
     logical axis `rules` (default: `MeshConfig().logical_axis_rules`), else the default device. With a
-    sharding, each device's block is converted from the memory-mapped files on its own, so neither host nor
-    device builds a whole stacked fp32 parameter unless it is replicated; the price is that every device
-    re-reads the layer tensors its block is cut from.
+    sharding, each device's block of a Hugging Face checkpoint is converted from the memory-mapped files on its
+    own, so neither host nor device builds a whole stacked fp32 parameter unless it is replicated; the price is
+    that every device re-reads the layer tensors its block is cut from.
     """
-    folder = _model_folder(path)
-    cfg = config_from_hf(json.loads((folder / "config.json").read_text()), config)
-    cfg = dataclasses.replace(cfg, path=str(path))
-    reader = _SafetensorsFolder(folder)
-    found = {k: v for k, v in reader.shapes().items() if k.startswith("encoder.")}
-    check_params(hf_shapes(cfg), found, f"T5 checkpoint {folder}")
-
+    cfg, value = _open(path, config)
     graphdef, state = nnx.split(t5.abstract(cfg))
     rules = rules if rules is not None else MeshConfig().logical_axis_rules
     placements = _param_shardings(state, mesh, rules, shardings)
-    conversion = conversion_rules(cfg)
     for path_, var in nnx.to_flat_state(state):
         name = ".".join(map(str, path_))
-        rule, spec = conversion[name], var.get_value()
+        spec = var.get_value()
         sharding = placements.get(name)
         if sharding is None:
-            value = jax.device_put(_convert_slice(rule, reader, spec.shape, spec.dtype))
+            array = jax.device_put(value(name, spec.shape, spec.dtype))
         else:
-            value = jax.make_array_from_callback(
-                spec.shape, sharding,
-                lambda index, rule=rule, spec=spec: _convert_slice(rule, reader, spec.shape, spec.dtype, index),
+            array = jax.make_array_from_callback(
+                spec.shape, sharding, lambda index, name=name, spec=spec: value(name, spec.shape, spec.dtype, index)
             )
-        var.set_value(value)
+        var.set_value(array)
     return nnx.merge(graphdef, state), cfg
+
+
+def read_t5(path: str | Path, config: TextEncoderConfig | None = None, dtype=np.float32,
+            progress: Progress = quiet) -> tuple[dict[str, np.ndarray], TextEncoderConfig]:
+    """(flat params in `dtype`, config) of a Hugging Face or native T5 folder, without building the model."""
+    cfg, value = _open(path, config, progress)
+    shapes = _our_shapes(cfg)
+    return {name: value(name, shapes[name], dtype) for name in progress(list(RULES), "convert T5")}, cfg
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writers
+
+
+def tokenizer_folder(path: str | Path) -> Path | None:
+    """Where the tokenizer files of a T5 folder are: the folder itself, its `tokenizer/`, or the `tokenizer/`
+    beside it (a pipeline's `text_encoder/`); None when there are none."""
+    path = Path(path)
+    for folder in (path, path / "tokenizer", path.parent / "tokenizer"):
+        if any((folder / name).is_file() for name in TOKENIZER_FILES[:2]):
+            return folder
+    return None
+
+
+def write_t5(flat: dict[str, np.ndarray], cfg: TextEncoderConfig, path: str | Path, format: str = "native",
+             dtype: str = "fp32", tokenizer_from: str | Path | None = None, progress: Progress = quiet,
+             max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Writes `flat` as `format` ("native" | "hf": a folder `T5EncoderModel.from_pretrained` loads, sharded with
+    an index beyond `max_shard_bytes`) via a temporary sibling renamed at the end, with the tokenizer files of
+    `tokenizer_from` (spiece.model, tokenizer_config.json, ...) copied beside the weights. Returns the path."""
+    if format not in FORMATS:
+        raise ValueError(f"T5 format {format!r}: expected one of {', '.join(FORMATS)}")
+    check_params(_our_shapes(cfg), {k: np.shape(v) for k, v in flat.items()}, "T5 parameters to save")
+    tokenizer = []
+    if tokenizer_from is not None:
+        folder = tokenizer_folder(tokenizer_from)
+        if folder is None:
+            raise FileNotFoundError(f"no T5 tokenizer files ({', '.join(TOKENIZER_FILES)}) in {tokenizer_from} "
+                                    "or its tokenizer/ folder")
+        tokenizer = [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
+    with files.staged(path) as tmp:
+        if format == "native":
+            files.write_native(files.cast(flat, dtype, progress), NATIVE_FORMAT, "text_encoder", cfg, tmp, progress)
+        else:
+            tmp.mkdir(parents=True)
+            config = {**hf_config(cfg), "dtype": {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]}
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+            files.write_safetensors(files.cast(t5_to_hf(flat, cfg), dtype, progress), tmp, WEIGHTS, max_shard_bytes,
+                                    progress)
+        for file in tokenizer:
+            shutil.copy2(file, tmp / file.name)
+    return Path(path).absolute()
+
+
+def save_t5(model: t5.T5Encoder, t5_cfg: TextEncoderConfig, path: str | Path, format: str = "native",
+            dtype: str = "fp32", tokenizer_from: str | Path | None = None,
+            max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Writes the encoder's parameters as `format` ("native" | "hf") in `dtype` ("fp32" | "bf16"); see `write_t5`."""
+    return write_t5(flat_params(model), t5_cfg, path, format, dtype, tokenizer_from, max_shard_bytes=max_shard_bytes)
 
 
 def load_tokenizer(path: str | Path):

@@ -1,4 +1,10 @@
-"""VAE parameters: diffusers `AutoencoderKLCogVideoX` and SAT `3d-vae.pt` state dicts <-> our flat params.
+"""VAE parameters: diffusers `AutoencoderKLCogVideoX` and SAT `3d-vae.pt` state dicts <-> our flat params, and
+the VAE's checkpoints read and written in three formats:
+
+- `diffusers`: a `vae/` folder, `config.json` + `diffusion_pytorch_model.safetensors` (sharded with an index when
+  large); `AutoencoderKLCogVideoX.from_pretrained` loads what we write.
+- `sat`: a `3d-vae.pt` torch file holding {"state_dict": SAT-named tensors} (given as the file or its folder).
+- `native`: `config.json` (our VAEConfig) + `params/` (orbax), as the transformer's native format.
 
 Our names are diffusers' with the convolution wrapper dropped (`conv1.conv.weight` -> `conv1.kernel`), norm
 weights called `scale`, and the resamplers called `downsample` / `upsample` (diffusers `downsamplers.0.conv`).
@@ -10,15 +16,28 @@ imports torch (lazily).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import pickle
 import re
 from pathlib import Path
 
 import numpy as np
 
+from insvie_jax import config as config_lib
 from insvie_jax.config import VAEConfig
+from insvie_jax.convert import files, sat
+from insvie_jax.convert.files import Progress, quiet
+from insvie_jax.convert.sat import NotACheckpoint
 from insvie_jax.models import vae as vae_model
-from insvie_jax.models.params import module_from_flat
+from insvie_jax.models.params import check_params, flat_params, module_from_flat, param_shapes
+
+FORMATS = ("native", "sat", "diffusers")
+NATIVE_FORMAT = "insvie-jax-vae"
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+SAT_FILE = "3d-vae.pt"
+SAT_SUFFIXES = (".pt", ".pth", ".ckpt")
+MAX_SHARD_BYTES = 10 * 2**30  # diffusers' default shard size
 
 # SAT -> diffusers renames, applied in this order to every key (CogVideo tools/convert_weight_sat2hf.py,
 # VAE_KEYS_RENAME_DICT); afterwards SAT's decoder `up.{i}` becomes `up_blocks.{n - 1 - i}` and `loss.*` goes.
@@ -208,56 +227,141 @@ def vae_with_params(cfg: VAEConfig, flat: dict[str, np.ndarray], what: str = "VA
 # Readers
 
 
-def read_diffusers_folder(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
+def read_diffusers_folder(path: str | Path, progress: Progress = quiet) -> tuple[dict[str, np.ndarray], dict]:
     """A diffusers `vae/` folder -> (state dict as numpy, config.json). Needs no torch."""
-    import ml_dtypes  # noqa: F401  (registers numpy's bfloat16, which safetensors' numpy API needs)
-    from safetensors.numpy import load_file
+    from safetensors import safe_open
 
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{path} is not a diffusers VAE folder: no config.json")
     config = json.loads(config_file.read_text())
-    index = path / "diffusion_pytorch_model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = ["diffusion_pytorch_model.safetensors"]
-    missing = [f for f in files if not (path / f).exists()]
+    if config.get("_class_name", "AutoencoderKLCogVideoX") != "AutoencoderKLCogVideoX":
+        raise NotACheckpoint(f"{config_file} describes a {config['_class_name']}, not AutoencoderKLCogVideoX")
+    names = files.safetensors_files(path, WEIGHTS)
+    missing = [f for f in names if not (path / f).exists()]
     if missing:
         raise FileNotFoundError(f"{path}: missing {missing} (only safetensors weights are read)")
     sd = {}
-    for f in files:
-        sd.update(load_file(str(path / f)))
+    for name in names:
+        with safe_open(path / name, framework="numpy") as f:
+            for key in progress(list(f.keys()), f"read {name}"):
+                sd[key] = f.get_tensor(key)
     return sd, config
 
 
-def read_sat_pt(path: str | Path) -> dict[str, np.ndarray]:
-    """A SAT `3d-vae.pt` (torch pickle, dict with `state_dict`) -> diffusers-named numpy state dict."""
-    import torch
+def _sat_file(path: Path) -> Path | None:
+    """The SAT `.pt` that `path` names: the file itself, or the `3d-vae.pt` in a folder."""
+    if path.is_dir():
+        path = path / SAT_FILE
+    return path if path.is_file() and path.suffix in SAT_SUFFIXES else None
 
-    saved = torch.load(str(path), map_location="cpu", weights_only=True)
+
+def is_sat_vae(path: str | Path) -> bool:
+    """Whether `path` is (or is a folder holding) a torch file whose `state_dict` has `encoder.`/`decoder.` keys."""
+    file = _sat_file(Path(path))
+    if file is None:
+        return False
+    try:
+        saved = sat.torch_load(file)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError):  # not readable as weights: not a SAT VAE
+        # (the transformer reader, which gets everything else, names the problem)
+        return False
+    sd = saved.get("state_dict") if isinstance(saved, dict) else None
+    return isinstance(sd, dict) and any(str(k).startswith(("encoder.", "decoder.")) for k in sd)
+
+
+def read_sat_pt(path: str | Path, progress: Progress = quiet) -> dict[str, np.ndarray]:
+    """A SAT `3d-vae.pt` (torch pickle, dict with `state_dict`) -> diffusers-named numpy state dict."""
+    saved = sat.torch_load(path)
     sd = saved.get("state_dict", saved) if isinstance(saved, dict) else None
     if not isinstance(sd, dict):
         raise ValueError(f"{path}: expected a dict with a 'state_dict' entry (SAT 3d-vae.pt)")
-    return sat_to_diffusers({k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in sd.items()})
+    return sat_to_diffusers({k: v.float().numpy() if v.is_floating_point() else v.numpy()
+                             for k, v in progress(sd.items(), "read SAT VAE")})
+
+
+def _read(path: Path, base: VAEConfig, progress: Progress) -> tuple[dict[str, np.ndarray], VAEConfig, dict]:
+    """(our flat params, our config, diffusers-style config dict) of a checkpoint in any of the formats."""
+    if files.native_format(path) == NATIVE_FORMAT:
+        flat, meta = files.read_native(path, NATIVE_FORMAT, progress)
+        # the stored architecture, through the same rule as a diffusers config.json
+        config = diffusers_vae_config(config_lib.from_dict({"vae": meta["vae"]}).vae)
+        return flat, vae_config_from_diffusers(config, base), config
+    sat_file = _sat_file(path)
+    if sat_file is not None and not (path / "config.json").exists():
+        sd = read_sat_pt(sat_file, progress)
+        vae_cfg = _config_from_shapes(sd, base)
+        return vae_from_diffusers(sd), vae_cfg, diffusers_vae_config(vae_cfg)
+    if path.is_dir():
+        sd, config = read_diffusers_folder(path, progress)
+        return vae_from_diffusers(sd), vae_config_from_diffusers(config, base), config
+    raise NotACheckpoint(f"VAE path {path}: expected a diffusers vae/ folder, a SAT {SAT_FILE} file (or a folder "
+                         "holding one) or a native folder (config.json + params/)")
+
+
+def vae_shapes(cfg: VAEConfig) -> dict[str, tuple[int, ...]]:
+    """Our parameter shapes for `cfg` (tracing the model's construction takes a second or two: cached)."""
+    return dict(_vae_shapes(json.dumps(dataclasses.asdict(cfg), sort_keys=True)))
+
+
+@functools.lru_cache(maxsize=8)
+def _vae_shapes(cfg_json: str) -> dict[str, tuple[int, ...]]:
+    cfg = VAEConfig(**json.loads(cfg_json))
+    return param_shapes(vae_model.abstract(cfg))
+
+
+def read_vae(path: str | Path, cfg: VAEConfig | None = None,
+             progress: Progress = quiet) -> tuple[dict[str, np.ndarray], VAEConfig]:
+    """(flat params, VAEConfig) of a diffusers, SAT or native VAE checkpoint, without building the model."""
+    flat, vae_cfg, _ = _read(Path(path), cfg or VAEConfig(), progress)
+    check_params(vae_shapes(vae_cfg), {k: np.shape(v) for k, v in flat.items()}, f"VAE checkpoint {path}")
+    return flat, vae_cfg
 
 
 def load_vae(path: str | Path, cfg: VAEConfig | None = None) -> tuple[vae_model.CogVideoXVAE, dict]:
-    """A diffusers `vae/` folder or a SAT `3d-vae.pt` -> (our VAE with its weights, diffusers-style config dict).
+    """A diffusers `vae/` folder, a SAT `3d-vae.pt` or a native folder -> (our VAE with its weights,
+    diffusers-style config dict).
 
     The architecture comes from the checkpoint (config.json, or the SAT tensors' shapes); memory modes, dtypes
     and, for SAT files, the norm groups, temporal compression and scaling factor come from `cfg`.
     """
-    path = Path(path)
-    base = cfg or VAEConfig()
-    if path.is_dir():
-        sd, config = read_diffusers_folder(path)
-        vae_cfg = vae_config_from_diffusers(config, base)
-    elif path.suffix in (".pt", ".pth", ".ckpt"):
-        sd = read_sat_pt(path)
-        vae_cfg = _config_from_shapes(sd, base)
-        config = diffusers_vae_config(vae_cfg)
-    else:
-        raise ValueError(f"VAE path {path}: expected a diffusers vae/ folder or a SAT 3d-vae.pt file")
-    return vae_with_params(vae_cfg, vae_from_diffusers(sd), what=f"VAE checkpoint {path}"), config
+    flat, vae_cfg, config = _read(Path(path), cfg or VAEConfig(), quiet)
+    return vae_with_params(vae_cfg, flat, what=f"VAE checkpoint {path}"), config
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writers
+
+
+def write_vae(flat: dict[str, np.ndarray], cfg: VAEConfig, path: str | Path, format: str = "native",
+              dtype: str = "fp32", progress: Progress = quiet, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Writes `flat` as `format` to `path` via a temporary sibling renamed at the end; returns the path.
+    For `sat`, a `.pt` path gets the file alone, any other path a folder holding `3d-vae.pt`."""
+    if format not in FORMATS:
+        raise ValueError(f"VAE format {format!r}: expected one of {', '.join(FORMATS)}")
+    check_params(vae_shapes(cfg), {k: np.shape(v) for k, v in flat.items()}, "VAE parameters to save")
+    with files.staged(path) as tmp:
+        if format == "native":
+            files.write_native(files.cast(flat, dtype, progress), NATIVE_FORMAT, "vae", cfg, tmp, progress)
+        elif format == "diffusers":
+            tmp.mkdir(parents=True)
+            config = {**diffusers_vae_config(cfg), "_diffusers_version": files.package_version("diffusers", "0.30.0")}
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+            files.write_safetensors(files.cast(vae_to_diffusers(flat), dtype, progress), tmp, WEIGHTS,
+                                    max_shard_bytes, progress)
+        else:
+            import torch
+
+            sd = files.cast(diffusers_to_sat(vae_to_diffusers(flat)), dtype, progress)
+            state = {k: sat.to_torch(v, dtype) for k, v in progress(sd.items(), "write SAT VAE")}
+            file = tmp if tmp.suffix in SAT_SUFFIXES else tmp / SAT_FILE
+            file.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"state_dict": state}, file)
+    return Path(path).absolute()
+
+
+def save_vae(model: vae_model.CogVideoXVAE, vae_cfg: VAEConfig, path: str | Path, format: str = "native",
+             dtype: str = "fp32") -> Path:
+    """Writes the VAE's parameters as `format` ("native" | "sat" | "diffusers") in `dtype` ("fp32" | "bf16")."""
+    return write_vae(flat_params(model), vae_cfg, path, format, dtype)
