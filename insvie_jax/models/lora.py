@@ -76,11 +76,11 @@ def add_lora(model, rank: int, alpha: float, targets=TARGETS, seed: int = 0):
     rngs = nnx.Rngs(seed)
     attn = model.blocks.attn
     if "qkv" in targets:
-        attn.qkv_lora = _stacked(lambda r: LoRA((d,), (h, hd), ("embed",), ("heads", "head_dim"), rank, alpha,
-                                                parts=3, rngs=r, **kw), cfg.num_layers, rngs)
+        attn.qkv_lora = nnx.data(_stacked(lambda r: LoRA((d,), (h, hd), ("embed",), ("heads", "head_dim"), rank, alpha,
+                                                parts=3, rngs=r, **kw), cfg.num_layers, rngs))
     if "attn_out" in targets:
-        attn.out_lora = _stacked(lambda r: LoRA((h, hd), (d,), ("heads", "head_dim"), ("embed",), rank, alpha,
-                                                rngs=r, **kw), cfg.num_layers, rngs)
+        attn.out_lora = nnx.data(_stacked(lambda r: LoRA((h, hd), (d,), ("heads", "head_dim"), ("embed",), rank, alpha,
+                                                rngs=r, **kw), cfg.num_layers, rngs))
     return model
 
 

@@ -34,14 +34,17 @@ from insvie_jax.parallel import sharding as shardlib
 
 
 def lr_schedule(cfg: Config) -> optax.Schedule:
-    """Linear warmup from 0, then cosine decay to 0 at the last update, or constant; counted in updates."""
+    """Linear warmup from 0 over train.warmup_steps updates (none if 0), then cosine decay to 0 at the last
+    update, or constant. Counted in optimizer updates (steps / grad_accum)."""
     t = cfg.train
     updates = max(t.steps // t.grad_accum, 1)
-    warmup = max(t.warmup_steps, 1)
     if t.schedule == "constant":
-        return optax.join_schedules([optax.linear_schedule(0.0, t.lr, warmup), optax.constant_schedule(t.lr)],
-                                    [warmup])
-    return optax.warmup_cosine_decay_schedule(0.0, t.lr, warmup, max(updates, warmup + 1))
+        after = optax.constant_schedule(t.lr)
+    else:
+        after = optax.cosine_decay_schedule(t.lr, max(updates - t.warmup_steps, 1))
+    if t.warmup_steps == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, t.lr, t.warmup_steps), after], [t.warmup_steps])
 
 
 def make_optimizer(cfg: Config) -> optax.GradientTransformation:
@@ -73,10 +76,11 @@ def trainable_filter(cfg: Config):
     return is_trainable
 
 
-def build_model(cfg: Config) -> transformer.EditTransformer:
-    """The model as trained: random init (seed) or `train.init_from`, plus LoRA adapters when enabled."""
+def build_model(cfg: Config, load: bool = True) -> transformer.EditTransformer:
+    """The model as trained: random init (seed) or `train.init_from` (unless not `load`: shapes only matter),
+    plus LoRA adapters when enabled."""
     model = transformer.build(cfg.model, seed=cfg.train.seed)
-    if cfg.train.init_from:
+    if cfg.train.init_from and load:
         from insvie_jax.convert.api import load_transformer
         from insvie_jax.models.params import flat_params, set_flat_params
 
@@ -99,7 +103,7 @@ def _replicated(mesh: Mesh) -> NamedSharding:
 
 def state_shardings(cfg: Config, mesh: Mesh, optimizer, abstract_model=None):
     """(graphdef, shardings of the train state, shardings of the frozen params) from the logical names."""
-    abstract_model = abstract_model or nnx.eval_shape(lambda: build_model(cfg))
+    abstract_model = abstract_model or nnx.eval_shape(lambda: build_model(cfg, load=False))
     rules = cfg.mesh.logical_axis_rules
     graphdef, trainable_abs, frozen_abs = nnx.split(abstract_model, trainable_filter(cfg), nnx.Param)
     params_sh = shardlib.state_shardings(trainable_abs, mesh, rules)
