@@ -47,18 +47,20 @@ def mesh_shapes(cfg: MeshConfig, num_devices: int, num_granules: int) -> tuple[l
     return ici, dcn
 
 
-def _num_granules(devices) -> int:
-    """Slices on TPU (devices carry `slice_index`), processes elsewhere: the units that dcn_* spans."""
-    if hasattr(devices[0], "slice_index"):
-        return len({d.slice_index for d in devices})
-    return len({d.process_index for d in devices})
+def _granules(devices) -> tuple[int, bool]:
+    """(count, by process): the units dcn_* spans are slices where devices tell several (multi-slice TPU),
+    else processes (hosts)."""
+    slices = {getattr(d, "slice_index", 0) for d in devices}
+    if len(slices) > 1:
+        return len(slices), False
+    return len({d.process_index for d in devices}), True
 
 
 def create_mesh(cfg: MeshConfig, devices=None) -> Mesh:
     """The 4-axis mesh. With no -1 among the ici sizes and a product below the device count (single-granule
     runs only), the first devices are used: a tiny config may ask for one device on a many-device host."""
     devices = list(devices if devices is not None else jax.devices())
-    granules = _num_granules(devices)
+    granules, by_process = _granules(devices)
     ici_sizes = [cfg.ici_data, cfg.ici_fsdp, cfg.ici_tensor, cfg.ici_context]
     if granules == 1 and -1 not in ici_sizes and math.prod(ici_sizes) < len(devices):
         devices = devices[: math.prod(ici_sizes)]
@@ -67,7 +69,8 @@ def create_mesh(cfg: MeshConfig, devices=None) -> Mesh:
         raise ConfigError(f"mesh: ici {dict(zip(AXES, ici))} x dcn {dict(zip(AXES, dcn))} needs "
                           f"{math.prod(ici) * math.prod(dcn)} devices, there are {len(devices)}")
     if granules > 1:
-        grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
+        grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=by_process,
+                                                    allow_split_physical_axes=True)
     else:
         grid = mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
     return Mesh(np.asarray(grid), AXES, axis_types=(AxisType.Auto,) * len(AXES))
