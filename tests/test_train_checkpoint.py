@@ -75,7 +75,7 @@ def test_a_failed_save_is_reported_and_the_run_goes_on_and_earlier_checkpoints_r
 
     # The checkpoints written before the disk "filled up" are intact: a rerun resumes from the newest.
     again = subprocess.run(_command(run_dir, "checkpoint.every=4"), env=env, capture_output=True,
-                           text=True, timeout=300)
+                           text=True, timeout=300, check=False)
     assert again.returncode == 0, again.stderr
     assert f"from checkpoint {good[-1]}" in again.stderr
     assert json.loads(again.stdout[again.stdout.index("{"):])["start_step"] == good[-1]

@@ -51,7 +51,7 @@ def test_insvie_2b_layout_trains_lora_r128_and_proj_edit_only():
     cfg = configlib.load("cogvideox-2b-edit", ["lora.enabled=true"])
     abstract = nnx.eval_shape(lambda: steplib.build_model(cfg))
     _, trainable, frozen = nnx.split(abstract, steplib.trainable_filter(cfg), nnx.Param)
-    count = lambda s: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(s))  # noqa: E731
+    count = lambda s: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(s))
     assert count(trainable) == 58_982_400 + 247_680  # reference/insvie.md §1: LoRA + proj_edit
     assert count(frozen) + 247_680 == transformer.count_params(transformer.abstract(cfg.model))  # all but proj_edit
 
@@ -116,7 +116,7 @@ def test_lora_run_updates_adapters_and_proj_edit_only(tmp_path):
     data = SyntheticTriplets(cfg.data.batch_size, loop.latent_shape(cfg), cfg.model.text_length,
                              cfg.model.text_embed_dim)
     shardings = steplib.batch_shardings(cfg, mesh)
-    host = lambda s: jax.tree.map(np.asarray, jax.device_get(s))  # noqa: E731
+    host = lambda s: jax.tree.map(np.asarray, jax.device_get(s))
     start = host(state)
     state, metrics = step_fn(state, frozen, steplib.put_batch(data.batch(0), shardings), 0)
     first = host(state)
@@ -132,3 +132,27 @@ def test_lora_run_updates_adapters_and_proj_edit_only(tmp_path):
     np.testing.assert_allclose(e["patch_embed"]["proj_edit"]["kernel"],
                                0.5 * p0["patch_embed"]["proj_edit"]["kernel"] + 0.5 * p["patch_embed"]["proj_edit"]["kernel"],
                                rtol=1e-6, atol=1e-7)
+
+
+def test_trained_lora_run_exports_merged_weights_and_ema(tmp_path):
+    import orbax.checkpoint as ocp
+
+    from insvie_jax.convert.api import load_transformer
+    from insvie_jax.train.checkpoint import export_model
+
+    cfg = configlib.load("tiny", OVERRIDES + [f"train.run_dir={tmp_path / 'run'}", "train.steps=4", "train.lr=1e-2",
+                                              "train.warmup_steps=0", "train.ema_decay=0.5", "train.log_every=10"])
+    loop.run(cfg)
+    exported, _ = load_transformer(export_model(tmp_path / "run", tmp_path / "plain"))
+    ema, _ = load_transformer(export_model(tmp_path / "run", tmp_path / "ema", use_ema=True))
+
+    # The adapters as trained, applied at run time (not merged), from the checkpoint's own arrays.
+    items = ocp.CheckpointManager(tmp_path / "run" / "checkpoints").restore(
+        4, args=ocp.args.Composite(state=ocp.args.StandardRestore(), frozen=ocp.args.StandardRestore()))
+    graphdef, _, _ = steplib.split_model(steplib.build_model(cfg), cfg)
+    trained = nnx.merge(graphdef, items["state"]["params"], items["frozen"])
+    assert np.abs(np.asarray(trained.blocks.attn.qkv_lora.lora_b[...])).max() > 0
+    args = _inputs(cfg)
+    want = trained(*args)
+    assert _rel(exported(*args), want) < FORWARD_TOL
+    assert _rel(ema(*args), want) > 1e-6  # the EMA lags the trained weights

@@ -28,7 +28,7 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path):
     multi = tmp_path / "multi"
     out = subprocess.run(["bash", str(ROOT / "launch" / "local.sh"), "2", "tiny", f"train.run_dir={multi}",
                           "mesh.ici_data=4", "mesh.dcn_data=2", *ARGS],
-                         env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+                         env=env, capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count('"steps": 3') == 2  # both processes ran every step
 

@@ -72,7 +72,7 @@ def add_lora(model, rank: int, alpha: float, targets=TARGETS, seed: int = 0):
         raise ValueError(f"lora.targets {sorted(unknown)} unknown; choose from {list(TARGETS)}")
     cfg = model.cfg
     d, h, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.attention_head_dim
-    kw = dict(param_dtype=jnp.dtype(cfg.param_dtype), dtype=jnp.dtype(cfg.dtype))
+    kw = {"param_dtype": jnp.dtype(cfg.param_dtype), "dtype": jnp.dtype(cfg.dtype)}
     rngs = nnx.Rngs(seed)
     attn = model.blocks.attn
     if "qkv" in targets:

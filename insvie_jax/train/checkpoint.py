@@ -63,3 +63,39 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def export_model(run_dir: str | Path, dst: str | Path, use_ema: bool = False, step: int | None = None,
+                 format: str = "native", dtype: str = "fp32") -> Path:
+    """Writes a run's checkpoint (latest, or `step`) as a plain transformer checkpoint that
+    `load_transformer` reads: the trained (or EMA) weights, LoRA adapters merged in. Runs on one device."""
+    import dataclasses
+
+    from flax import nnx
+
+    from insvie_jax import config as configlib
+    from insvie_jax.convert.api import save_transformer
+    from insvie_jax.models.lora import merge_lora
+    from insvie_jax.parallel.mesh import create_mesh
+    from insvie_jax.train import step as steplib
+
+    cfg = configlib.load(Path(run_dir) / "config.yaml")
+    cfg.mesh = dataclasses.replace(cfg.mesh, ici_data=1, ici_fsdp=1, ici_tensor=1, ici_context=1)
+    if use_ema and cfg.train.ema_decay <= 0:
+        raise ValueError(f"{run_dir} was trained without EMA (train.ema_decay=0): export without use_ema")
+    optimizer = steplib.make_optimizer(cfg)
+    mesh = create_mesh(cfg.mesh)
+    graphdef, state_sh, frozen_sh = steplib.state_shardings(cfg, mesh, optimizer)
+    state, frozen = steplib.abstract_state(cfg, optimizer)
+    checkpoints = Checkpointer(run_dir, cfg)
+    step = checkpoints.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {checkpoints.directory}")
+    if not checkpoints.save_frozen:  # the frozen weights live in train.init_from
+        frozen = steplib.split_model(steplib.build_model(cfg), cfg)[2]
+    state, frozen, _ = checkpoints.restore(step, state, state_sh, frozen, frozen_sh)
+    checkpoints.close()
+    model = nnx.merge(graphdef, state["ema"] if use_ema else state["params"], frozen)
+    if cfg.lora.enabled:
+        model = merge_lora(model)
+    return save_transformer(model, cfg.model, dst, format, dtype)

@@ -10,8 +10,6 @@ import math
 import sys
 from pathlib import Path
 
-import jax
-
 # Dense bf16 peak TFLOP/s per chip, from the vendors' data sheets; matched as a substring of device_kind.
 PEAK_TFLOPS = {
     "H200": 989.0,
@@ -56,7 +54,7 @@ def step_flops(compiled) -> float | None:
 class MetricsWriter:
     def __init__(self, run_dir: Path, enabled: bool = True):
         self.enabled = enabled
-        self.jsonl = open(run_dir / "metrics.jsonl", "a") if enabled else None
+        self.jsonl = open(run_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115 - closed in close()
         self.tensorboard = None
         if enabled:
             from tensorboardX import SummaryWriter

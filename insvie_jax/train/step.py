@@ -28,7 +28,6 @@ from insvie_jax.models import lora as loralib
 from insvie_jax.models import transformer
 from insvie_jax.parallel import sharding as shardlib
 
-
 # ---------------------------------------------------------------------------------------------------
 # Optimizer
 
@@ -118,27 +117,34 @@ def state_shardings(cfg: Config, mesh: Mesh, optimizer, abstract_model=None):
     return graphdef, state_sh, frozen_sh
 
 
+def _initial_state(cfg: Config, optimizer, params, frozen):
+    state = {"params": params, "opt_state": optimizer.init(params), "skipped": jnp.zeros((), jnp.int32),
+             "nonfinite_in_a_row": jnp.zeros((), jnp.int32)}
+    if cfg.train.ema_decay > 0:
+        state["ema"] = jax.tree.map(jnp.copy, params)
+    return state, frozen
+
+
 def init_state(cfg: Config, mesh: Mesh, optimizer):
     """(graphdef, state, frozen, state shardings, frozen shardings), each array placed by its shardings.
 
     Random init is one jit with output shardings (no full copy on one device); `init_from` loads on the
     host and places the arrays."""
     graphdef, state_sh, frozen_sh = state_shardings(cfg, mesh, optimizer)
-
-    def init_from(params, frozen):
-        state = {"params": params, "opt_state": optimizer.init(params), "skipped": jnp.zeros((), jnp.int32),
-                 "nonfinite_in_a_row": jnp.zeros((), jnp.int32)}
-        if cfg.train.ema_decay > 0:
-            state["ema"] = jax.tree.map(jnp.copy, params)
-        return state, frozen
-
+    init = jax.jit(lambda params, frozen: _initial_state(cfg, optimizer, params, frozen),
+                   out_shardings=(state_sh, frozen_sh))
     if cfg.train.init_from:
-        _, params, frozen = split_model(build_model(cfg), cfg)
-        state, frozen = jax.jit(init_from, out_shardings=(state_sh, frozen_sh))(params, frozen)
+        state, frozen = init(*split_model(build_model(cfg), cfg)[1:])
     else:
-        state, frozen = jax.jit(lambda: init_from(*split_model(build_model(cfg), cfg)[1:]),
+        state, frozen = jax.jit(lambda: _initial_state(cfg, optimizer, *split_model(build_model(cfg), cfg)[1:]),
                                 out_shardings=(state_sh, frozen_sh))()
     return graphdef, state, frozen, state_sh, frozen_sh
+
+
+def abstract_state(cfg: Config, optimizer):
+    """(state, frozen) as ShapeDtypeStructs: the structure a checkpoint restores into."""
+    return jax.eval_shape(
+        lambda: _initial_state(cfg, optimizer, *split_model(build_model(cfg, load=False), cfg)[1:]))
 
 
 # ---------------------------------------------------------------------------------------------------
