@@ -88,6 +88,10 @@ def run(cfg: configlib.Config) -> dict:
         start = int(meta["data_position"])
         if main:
             print(f"insvie-jax train: resuming {run_dir} from checkpoint {latest}", file=sys.stderr, flush=True)
+            if start >= cfg.train.steps:
+                print(f"insvie-jax train: {run_dir} is already at step {start} of train.steps={cfg.train.steps}: "
+                      "nothing to train (raise train.steps to go on, or pick a new train.run_dir)",
+                      file=sys.stderr, flush=True)
 
     batch_sh = steplib.batch_shardings(cfg, mesh)
     step_fn = steplib.make_train_step(cfg, graphdef, optimizer, mesh, state_sh, frozen_sh, groups)
