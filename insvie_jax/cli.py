@@ -29,9 +29,13 @@ def cmd_train(args) -> int:
 
     path, overrides = _split_config(args)
     cfg = configlib.load(path, overrides)
-    summary = loop.run(cfg)
+    try:
+        summary = loop.run(cfg)
+    except loop.TrainingStopped as err:
+        print(f"insvie-jax train: {err}", file=sys.stderr)
+        return 3
     print(json.dumps(summary, indent=2))
-    return 0
+    return 143 if summary["interrupted"] else 0  # 128 + SIGTERM: stopped early, checkpoint saved
 
 
 def cmd_config(args) -> int:

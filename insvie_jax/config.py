@@ -205,10 +205,15 @@ class DataConfig:
 @dataclasses.dataclass
 class TrainConfig:
     run_dir: str = "runs/default"
-    steps: int = 1000
+    steps: int = 1000  # train steps; each takes one global batch of data.batch_size
     seed: int = 0
     lr: float = 1e-4
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # in optimizer updates (steps / grad_accum)
+    schedule: str = "cosine"  # after warmup: "cosine" (decay to 0 at the last update) | "constant"
+    grad_accum: int = 1  # optimizer update every grad_accum steps, on the mean gradient (optax.MultiSteps)
+    ema_decay: float = 0.0  # EMA of the trainable weights, saved beside them; 0 = off
+    init_from: str = ""  # SAT / diffusers / native transformer checkpoint to start from; empty = random init
+    max_nonfinite_in_a_row: int = 10  # steps with a non-finite loss/gradient are skipped; this many in a row stop
     weight_decay: float = 1e-4
     adam_b1: float = 0.9
     adam_b2: float = 0.95
@@ -217,6 +222,7 @@ class TrainConfig:
     frame_loss_weight: float = 0.5
     text_dropout: float = 0.1
     source_dropout: float = 0.05
+    source_dropout_per: str = "batch"  # "batch": one draw per step (InsViE) | "sample"
     log_every: int = 10
 
 
@@ -231,8 +237,10 @@ class LoraConfig:
 
 @dataclasses.dataclass
 class CheckpointConfig:
-    every: int = 1000
-    keep: int = 3
+    every: int = 1000  # save every this many steps (and at the end, and on SIGTERM)
+    keep: int = 3  # the newest this many are kept ...
+    keep_every: int = 0  # ... plus every step divisible by this; 0 = none
+    async_save: bool = True  # write in the background while training goes on
 
 
 @dataclasses.dataclass
@@ -439,6 +447,8 @@ _CHOICES = {
     "vae.param_dtype": ("float32", "bfloat16"),
     "data.source": ("synthetic", "arrayrecord", "video"),
     "data.crop": ("random", "center"),
+    "train.schedule": ("cosine", "constant"),
+    "train.source_dropout_per": ("batch", "sample"),
 }
 
 
@@ -522,3 +532,11 @@ def validate(config: Config) -> None:
                           f"({config.diffusion.num_train_timesteps})")
     if config.lora.enabled and config.lora.rank <= 0:
         raise ConfigError(f"lora.rank={config.lora.rank} must be positive")
+    t = config.train
+    for key in ("grad_accum", "max_nonfinite_in_a_row", "log_every"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"train.{key}={getattr(t, key)} must be at least 1")
+    if not 0 <= t.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay={t.ema_decay} must be in [0, 1) (0 = no EMA)")
+    if config.checkpoint.every < 1 or config.checkpoint.keep < 1 or config.checkpoint.keep_every < 0:
+        raise ConfigError("checkpoint.every and checkpoint.keep must be at least 1, checkpoint.keep_every >= 0")

@@ -56,9 +56,12 @@ class Attention(nnx.Module):
         self.norm_k = LayerNorm(hd, cfg.qk_norm_eps, ("head_dim",), rngs=rngs, param_dtype=pdt, dtype=dt)
         self.out = Dense((h, hd), (d,), ("heads", "head_dim", "embed"), rngs=rngs, param_dtype=pdt, dtype=dt)
         self.implementation = cfg.attention
+        self.qkv_lora = self.out_lora = None  # LoRA adapters, attached by models/lora.add_lora
 
     def __call__(self, x, text_length: int, rope):
         qkv = self.qkv(x)  # (B, L, 3, H, Dh)
+        if self.qkv_lora is not None:
+            qkv = qkv + self.qkv_lora(x)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q, k = self.norm_q(q), self.norm_k(k)
         if rope is not None:  # rotary positions on the video tokens only
@@ -67,6 +70,8 @@ class Attention(nnx.Module):
             k = jnp.concatenate([k[:, :text_length], embeddings.apply_rope(k[:, text_length:], cos, sin)], axis=1)
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
         out = attention(q, k, v, self.implementation)
+        if self.out_lora is not None:
+            return self.out(out) + self.out_lora(out)
         return self.out(out)
 
 

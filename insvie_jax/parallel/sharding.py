@@ -49,3 +49,39 @@ def constrain(x: jax.Array, names) -> jax.Array:
         return x
     mesh, rules = active
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, rules)))
+
+
+def fit_spec(spec: PartitionSpec, shape, mesh: Mesh) -> PartitionSpec:
+    """`spec` with the mesh axes that do not divide their dimension dropped (that dimension is replicated):
+    small parameters (biases of a few heads, tiny test models) stay valid on any mesh."""
+    out = []
+    for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        axes = [entry] if isinstance(entry, str) else list(entry or [])
+        kept, size = [], 1
+        for axis in axes:
+            if dim % (size * mesh.shape[axis]) == 0:
+                kept.append(axis)
+                size *= mesh.shape[axis]
+        out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return PartitionSpec(*out)
+
+
+def state_shardings(abstract_state, mesh: Mesh, rules):
+    """NamedShardings for an nnx state of parameters carrying logical axis names, as a pure dict.
+
+    `abstract_state` is `nnx.state(abstract_model, filter)`; names come from `nnx.get_partition_spec`.
+    """
+    from flax import nnx
+
+    logical = nnx.get_partition_spec(abstract_state).to_pure_dict()
+    shapes = abstract_state.to_pure_dict()
+    rules = [tuple(r) for r in rules]
+    return jax.tree.map(
+        lambda names, x: NamedSharding(mesh, fit_spec(logical_to_spec(tuple(names), rules), x.shape, mesh)),
+        logical, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
+
+
+def batch_sharding(mesh: Mesh, rules, ndim: int) -> NamedSharding:
+    """Batch arrays: the leading (batch) dimension split by the `batch` rule, the rest replicated."""
+    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), [tuple(r) for r in rules]))

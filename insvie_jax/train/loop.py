@@ -1,23 +1,37 @@
-"""The training loop: config -> model -> jitted step -> metrics in the run folder.
+"""The training loop: config -> mesh -> sharded state -> compiled step -> metrics and checkpoints in RUN.
 
-This is the foundation's loop on synthetic in-memory latents; data pipelines, sharding, LoRA and
-checkpoints plug in here as they land.
+A run pointed at a folder that holds checkpoints resumes from the latest one; because the data and every
+random draw are functions of (seed, step), the resumed run computes what the uninterrupted one would
+have, bit for bit. SIGTERM saves a checkpoint after the current step and stops.
+
+The loop reads step N's metrics after launching step N+1, so the host never stalls the device.
 """
 
 from __future__ import annotations
 
-import json
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
-from flax import nnx
 from tqdm import tqdm
 
 from insvie_jax import config as configlib
 from insvie_jax.data.synthetic import SyntheticTriplets
-from insvie_jax.models import transformer
-from insvie_jax.train.step import make_optimizer, make_train_step, step_key
+from insvie_jax.parallel import distributed
+from insvie_jax.parallel import mesh as meshlib
+from insvie_jax.train import metrics as metricslib
+from insvie_jax.train import step as steplib
+from insvie_jax.train.checkpoint import Checkpointer
+
+STAGE = "main"  # multi-stage schedules (config `stages`) are not run yet: every step belongs to one stage
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (e.g. non-finite losses in a row); the message says where and what to do."""
 
 
 def latent_shape(cfg: configlib.Config) -> tuple[int, int, int, int]:
@@ -26,47 +40,155 @@ def latent_shape(cfg: configlib.Config) -> tuple[int, int, int, int]:
             d.width // v.spatial_compression, cfg.model.in_channels)
 
 
-def run(cfg: configlib.Config) -> dict:
-    """Trains for `cfg.train.steps` steps; returns a summary (first/last logged loss, timings)."""
-    run_dir = Path(cfg.train.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    configlib.save(cfg, run_dir / "config.yaml")
-
+def _data(cfg: configlib.Config):
     if cfg.data.source != "synthetic":
         raise configlib.ConfigError(f"data.source={cfg.data.source!r}: only 'synthetic' is available in this build")
-    data = SyntheticTriplets(cfg.data.batch_size, latent_shape(cfg), cfg.model.text_length,
+    return SyntheticTriplets(cfg.data.batch_size, latent_shape(cfg), cfg.model.text_length,
                              cfg.model.text_embed_dim, seed=cfg.train.seed)
-    model = transformer.build(cfg.model, seed=cfg.train.seed)
-    graphdef, params = nnx.split(model, nnx.Param)
-    optimizer = make_optimizer(cfg)
-    opt_state = optimizer.init(params)
-    step_fn = make_train_step(cfg, graphdef, optimizer)
 
-    losses = []
-    start = time.perf_counter()
-    compile_s = None
-    with open(run_dir / "metrics.jsonl", "a") as log, tqdm(total=cfg.train.steps, desc="train", unit="step") as bar:
-        for step in range(cfg.train.steps):
-            t0 = time.perf_counter()
-            params, opt_state, metrics = step_fn(params, opt_state, data.batch(step), step_key(cfg.train.seed, step))
-            loss = float(metrics["loss"])
-            if not np.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss} at step {step}: lower train.lr or check the data")
+
+class _StopSignal:
+    """Records SIGTERM (preemption) so the loop can save and stop between steps."""
+
+    def __init__(self):
+        self.received = None
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def restore(self):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def run(cfg: configlib.Config) -> dict:
+    """Trains to `cfg.train.steps` steps (resuming RUN if it holds checkpoints); returns a summary."""
+    distributed.initialize()
+    main = distributed.is_main_process()
+    run_dir = Path(cfg.train.run_dir)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        configlib.save(cfg, run_dir / "config.yaml")
+    data = _data(cfg)
+    mesh = meshlib.create_mesh(cfg.mesh)
+    groups = meshlib.data_parallel_size(mesh)
+    if cfg.data.batch_size % groups:
+        raise configlib.ConfigError(f"data.batch_size={cfg.data.batch_size} must be a multiple of the data-parallel "
+                                    f"size {groups} (mesh data x fsdp = {dict(mesh.shape)})")
+
+    optimizer = steplib.make_optimizer(cfg)
+    graphdef, state, frozen, state_sh, frozen_sh = steplib.init_state(cfg, mesh, optimizer)
+    checkpoints = Checkpointer(run_dir, cfg)
+    start = 0
+    if (latest := checkpoints.latest_step()) is not None:
+        state, frozen, meta = checkpoints.restore(latest, state, state_sh, frozen, frozen_sh)
+        start = int(meta["data_position"])
+        if main:
+            print(f"insvie-jax train: resuming {run_dir} from checkpoint {latest}", file=sys.stderr, flush=True)
+            if start >= cfg.train.steps:
+                print(f"insvie-jax train: {run_dir} is already at step {start} of train.steps={cfg.train.steps}: "
+                      "nothing to train (raise train.steps to go on, or pick a new train.run_dir)",
+                      file=sys.stderr, flush=True)
+
+    batch_sh = steplib.batch_shardings(cfg, mesh)
+    step_fn = steplib.make_train_step(cfg, graphdef, optimizer, mesh, state_sh, frozen_sh, groups)
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, frozen, steplib.put_batch(data.batch(start), batch_sh), np.int32(start)).compile()
+    compile_s = time.perf_counter() - t0
+    flops = metricslib.step_flops(compiled)
+    device = jax.local_devices()[0]
+    peak = metricslib.peak_tflops(device)
+    writer = metricslib.MetricsWriter(run_dir, enabled=main)
+    stop = _StopSignal()
+    losses: list[float] = []
+    t = cfg.train
+    last_report = time.perf_counter()
+
+    def meta(done: int) -> dict:
+        return {"step": done, "seed": t.seed, "data_position": done, "stage": STAGE, "config": cfg.to_dict()}
+
+    def save(done: int) -> None:
+        try:
+            checkpoints.save(done, state, frozen, meta(done))
+        except Exception as err:  # noqa: BLE001 - a failed save (disk full, I/O error) must not end the run
+            writer.error(done, f"checkpoint save at step {done} failed ({type(err).__name__}: {err}); training "
+                               f"goes on, earlier checkpoints in {checkpoints.directory} are untouched")
+
+    def report(step: int, metrics) -> None:
+        nonlocal last_report
+        values = jax.device_get(metrics)
+        now = time.perf_counter()
+        step_s, last_report = now - last_report, now
+        loss = float(values["loss"])
+        finite = bool(np.isfinite(loss) and np.isfinite(values["grad_norm"]))
+        if finite:
             losses.append(loss)
-            if compile_s is None:
-                compile_s = time.perf_counter() - t0
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps - 1:
-                record = {"step": step, "loss": loss, "grad_norm": float(metrics["grad_norm"]),
-                          "step_s": time.perf_counter() - t0}
-                log.write(json.dumps(record) + "\n")
-                bar.set_postfix(loss=f"{np.mean(losses[-cfg.train.log_every:]):.4f}")
+        if step % t.log_every == 0 or step == t.steps - 1 or not finite:
+            tflops = flops / step_s / 1e12 if flops else None
+            writer.write({
+                "step": step, "stage": STAGE, "loss": loss, "lr": float(values["lr"]),
+                "grad_norm": float(values["grad_norm"]), "step_s": step_s,
+                "samples_per_s": cfg.data.batch_size / step_s, "tflops_per_device": tflops,
+                "mfu": tflops / peak if tflops and peak else None,
+                "peak_memory_bytes": metricslib.peak_memory_bytes(device),
+                "skipped_steps": int(values["skipped_steps"]),
+            })
+            if finite:
+                bar.set_postfix(loss=f"{np.mean(losses[-t.log_every:]):.4f}")
+        in_a_row = int(values["nonfinite_in_a_row"])
+        if in_a_row >= t.max_nonfinite_in_a_row:
+            raise TrainingStopped(
+                f"{in_a_row} steps in a row up to step {step} had a non-finite loss or gradient (their updates "
+                f"were skipped); stopping. The last checkpoint is {checkpoints.latest_step()} in "
+                f"{checkpoints.directory}. Lower train.lr, raise train.warmup_steps, check the data near step "
+                f"{step}, or raise train.max_nonfinite_in_a_row.")
+
+    bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", disable=not main)
+    pending = None
+    interrupted = None
+    start_time = time.perf_counter()
+    try:
+        for step in range(start, t.steps):
+            batch = steplib.put_batch(data.batch(step), batch_sh)
+            state, metrics = compiled(state, frozen, batch, np.int32(step))
+            if pending:
+                report(*pending)
+            pending = (step, metrics)
             bar.update(1)
+            done = step + 1
+            if stop.received is not None:
+                interrupted = f"signal {stop.received} after step {step}"
+            if done % cfg.checkpoint.every == 0 or done == t.steps or interrupted:
+                save(done)
+            if interrupted:
+                break
+        if pending:
+            report(*pending)
+    finally:
+        bar.close()
+        stop.restore()
+        try:
+            checkpoints.wait()
+        except Exception as err:  # noqa: BLE001 - reported, as for a save that fails at once
+            writer.error(t.steps, f"a checkpoint write failed ({type(err).__name__}: {err}); earlier checkpoints "
+                                  f"in {checkpoints.directory} are untouched")
+        checkpoints.close()
+        writer.close()
+    if interrupted and main:
+        print(f"insvie-jax train: stopped by {interrupted}; checkpoint saved, rerun the same command to resume",
+              file=sys.stderr, flush=True)
     window = max(1, min(25, len(losses) // 4))
     return {
         "steps": len(losses),
-        "first_loss": float(np.mean(losses[:window])),
-        "last_loss": float(np.mean(losses[-window:])),
+        "start_step": start,
+        "first_loss": float(np.mean(losses[:window])) if losses else None,
+        "last_loss": float(np.mean(losses[-window:])) if losses else None,
+        "skipped_steps": int(jax.device_get(state["skipped"])),
         "compile_s": compile_s,
-        "total_s": time.perf_counter() - start,
+        "total_s": time.perf_counter() - start_time,
+        "interrupted": interrupted,
         "run_dir": str(run_dir),
     }

@@ -1,0 +1,104 @@
+"""Low-rank adapters on the attention projections, InsViE / SAT `lora2` layout, and their merge.
+
+`add_lora(model, rank, alpha, targets)` attaches a `LoRA` module beside each targeted Dense of every
+(stacked) attention block: `attn.qkv_lora` (one A/B pair per q|k|v partition, as SAT) and `attn.out_lora`.
+The block adds (x·A·B)·alpha/rank to the Dense output; B starts at zero so a fresh adapter changes nothing.
+`merge_lora(model)` folds the adapters into the kernels and returns a plain model.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from insvie_jax.models.layers import param
+
+TARGETS = ("qkv", "attn_out")
+_IN, _OUT = "abcd", "wxyz"  # einsum letters for the contracted (input) and produced (output) dims
+
+
+class LoRA(nnx.Module):
+    """delta(x) = (x·A)·B·alpha/rank; with `parts`, one (A, B) per output partition (q, k, v)."""
+
+    def __init__(self, in_shape, out_shape, in_axes, out_axes, rank: int, alpha: float, parts: int = 0, *,
+                 rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=jnp.float32):
+        lead, lead_axes = ((parts,), (None,)) if parts else ((), ())
+        self.parts = parts
+        self.n_in, self.n_out = len(in_shape), len(out_shape)
+        self.scale = alpha / rank
+        self.dtype = dtype
+        fan_in = 1
+        for n in in_shape:
+            fan_in *= n
+        # A as torch's Linear default (kaiming-uniform, a=sqrt(5)), which SAT's LoRA keeps; B zero.
+        init_a = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=0)
+        self.lora_a = param(
+            rngs, lambda k, s, d: init_a(k, (fan_in, (parts or 1) * rank), d).reshape(s),
+            (*lead, *in_shape, rank), param_dtype, (*lead_axes, *in_axes, None))
+        self.lora_b = param(rngs, nnx.initializers.zeros, (*lead, rank, *out_shape), param_dtype,
+                            (*lead_axes, None, *out_axes))
+
+    def _letters(self):
+        return _IN[: self.n_in], _OUT[: self.n_out], "p" if self.parts else ""
+
+    def __call__(self, x):
+        i, o, p = self._letters()
+        a, b = self.lora_a[...].astype(self.dtype), self.lora_b[...].astype(self.dtype)
+        xa = jnp.einsum(f"...{i},{p}{i}r->...{p}r", x.astype(self.dtype), a)
+        return jnp.einsum(f"...{p}r,{p}r{o}->...{p}{o}", xa, b) * jnp.asarray(self.scale, self.dtype)
+
+    def kernel_delta(self, a, b):
+        """The change to the Dense kernel (layout in_shape + [parts] + out_shape) of one layer's A, B."""
+        i, o, p = self._letters()
+        return jnp.einsum(f"{p}{i}r,{p}r{o}->{i}{p}{o}", a.astype(jnp.float32), b.astype(jnp.float32)) * self.scale
+
+
+def _stacked(make, num_layers: int, rngs: nnx.Rngs):
+    """One module per layer, stacked on a leading `layers` axis like the transformer's blocks."""
+
+    @nnx.split_rngs(splits=num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def build(rngs):
+        return make(rngs)
+
+    return build(rngs)
+
+
+def add_lora(model, rank: int, alpha: float, targets=TARGETS, seed: int = 0):
+    """Attaches adapters to `model`'s attention blocks in place and returns it."""
+    unknown = set(targets) - set(TARGETS)
+    if unknown:
+        raise ValueError(f"lora.targets {sorted(unknown)} unknown; choose from {list(TARGETS)}")
+    cfg = model.cfg
+    d, h, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.attention_head_dim
+    kw = {"param_dtype": jnp.dtype(cfg.param_dtype), "dtype": jnp.dtype(cfg.dtype)}
+    rngs = nnx.Rngs(seed)
+    attn = model.blocks.attn
+    if "qkv" in targets:
+        attn.qkv_lora = nnx.data(_stacked(lambda r: LoRA((d,), (h, hd), ("embed",), ("heads", "head_dim"), rank, alpha,
+                                                parts=3, rngs=r, **kw), cfg.num_layers, rngs))
+    if "attn_out" in targets:
+        attn.out_lora = nnx.data(_stacked(lambda r: LoRA((h, hd), (d,), ("heads", "head_dim"), ("embed",), rank, alpha,
+                                                rngs=r, **kw), cfg.num_layers, rngs))
+    return model
+
+
+def is_lora_param(path, value) -> bool:
+    """nnx filter: the adapters' parameters."""
+    return isinstance(value, nnx.Param) and any(str(p) in ("lora_a", "lora_b") for p in path)
+
+
+def merge_lora(model):
+    """A plain model (no adapters) whose kernels hold W + A·B·alpha/rank; `model` is left unchanged."""
+    graphdef, state = nnx.split(model)
+    merged = nnx.merge(graphdef, state)  # a copy to edit
+    attn = merged.blocks.attn
+    for dense, lora_name in ((attn.qkv, "qkv_lora"), (attn.out, "out_lora")):
+        lora = getattr(attn, lora_name, None)
+        if lora is None:
+            continue
+        delta = jax.vmap(lora.kernel_delta)(lora.lora_a[...], lora.lora_b[...])  # over the stacked layers
+        dense.kernel[...] = (dense.kernel[...].astype(jnp.float32) + delta).astype(dense.kernel[...].dtype)
+        setattr(attn, lora_name, None)
+    return merged

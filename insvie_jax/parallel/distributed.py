@@ -1,0 +1,45 @@
+"""Multi-process start-up: `initialize()` joins this process to the others before any device is used.
+
+Explicit: INSVIE_COORDINATOR (host:port of process 0), INSVIE_PROCESS_ID, INSVIE_NUM_PROCESSES (what
+launch/local.sh sets). Otherwise jax's own cluster detection (SLURM, TPU pods, ...) decides; a lone process
+with none of these stays single-process.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+ENV_COORDINATOR = "INSVIE_COORDINATOR"
+ENV_PROCESS_ID = "INSVIE_PROCESS_ID"
+ENV_NUM_PROCESSES = "INSVIE_NUM_PROCESSES"
+
+
+def _cluster_detected() -> bool:
+    # jax's own detection table (SLURM, Open MPI, TPU, k8s), as jax.distributed.initialize() consults it.
+    from jax._src.clusters import ClusterEnv
+
+    return any(not env.opt_in_only_method and env.is_env_present() for env in ClusterEnv._cluster_types)
+
+
+def initialize() -> None:
+    """Calls jax.distributed.initialize once, from the INSVIE_* variables or a detected cluster."""
+    if jax.distributed.is_initialized():
+        return
+    explicit = [os.environ.get(k) for k in (ENV_COORDINATOR, ENV_PROCESS_ID, ENV_NUM_PROCESSES)]
+    if any(explicit):
+        if not all(explicit):
+            raise RuntimeError(f"set all of {ENV_COORDINATOR}, {ENV_PROCESS_ID}, {ENV_NUM_PROCESSES} (or none); "
+                               f"got {dict(zip((ENV_COORDINATOR, ENV_PROCESS_ID, ENV_NUM_PROCESSES), explicit))}")
+        if jax.config.jax_platforms == "cpu" or os.environ.get("JAX_PLATFORMS") == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
+        jax.distributed.initialize(coordinator_address=explicit[0], process_id=int(explicit[1]),
+                                   num_processes=int(explicit[2]))
+    elif _cluster_detected():
+        jax.distributed.initialize()
+
+
+def is_main_process() -> bool:
+    """Process 0 writes logs and run files (orbax coordinates checkpoint writes itself)."""
+    return jax.process_index() == 0

@@ -1,0 +1,101 @@
+"""Checkpoints of a run: RUN/checkpoints/<step>/ through an orbax CheckpointManager (async, multi-host).
+
+Each checkpoint holds the train state (trainable params, optimizer state, EMA, skip counters), the frozen
+params unless they come from `train.init_from` (then they are re-read from there), and a JSON `meta`: the
+step (= steps done), seed, data iterator position, stage name and the resolved config.
+
+A save that fails (disk full, unwritable folder) does not stop the run: orbax writes into a temporary
+folder and renames it only when complete, so earlier checkpoints stay readable; the failure is reported
+on stderr and in metrics.jsonl by the loop, and the next save is tried as scheduled.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+from insvie_jax.config import Config
+
+
+def _abstract(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+class Checkpointer:
+    def __init__(self, run_dir: Path, cfg: Config):
+        c = cfg.checkpoint
+        self.save_frozen = not cfg.train.init_from
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=c.keep,
+            keep_period=c.keep_every or None,
+            enable_async_checkpointing=c.async_save,
+            create=True,
+        )
+        self.directory = Path(run_dir).absolute() / "checkpoints"
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, frozen, meta: dict) -> None:
+        """Starts writing checkpoint `step` (returns before the write ends when async); raises on failure,
+        including the failure of an earlier async write."""
+        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+        if self.save_frozen and jax.tree.leaves(frozen):
+            items["frozen"] = ocp.args.StandardSave(frozen)
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def restore(self, step: int, state, state_sh, frozen, frozen_sh):
+        """(state, frozen, meta) of checkpoint `step`, placed with the given shardings; `state`/`frozen`
+        give the structure (arrays or ShapeDtypeStructs)."""
+        items = {"state": ocp.args.StandardRestore(_abstract(state, state_sh)), "meta": ocp.args.JsonRestore()}
+        restore_frozen = self.save_frozen and jax.tree.leaves(frozen)
+        if restore_frozen:
+            items["frozen"] = ocp.args.StandardRestore(_abstract(frozen, frozen_sh))
+        out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return out["state"], out["frozen"] if restore_frozen else frozen, out["meta"]
+
+    def wait(self) -> None:
+        """Blocks until pending writes end; raises if one failed."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def export_model(run_dir: str | Path, dst: str | Path, use_ema: bool = False, step: int | None = None,
+                 format: str = "native", dtype: str = "fp32") -> Path:
+    """Writes a run's checkpoint (latest, or `step`) as a plain transformer checkpoint that
+    `load_transformer` reads: the trained (or EMA) weights, LoRA adapters merged in. Runs on one device."""
+    import dataclasses
+
+    from flax import nnx
+
+    from insvie_jax import config as configlib
+    from insvie_jax.convert.api import save_transformer
+    from insvie_jax.models.lora import merge_lora
+    from insvie_jax.parallel.mesh import create_mesh
+    from insvie_jax.train import step as steplib
+
+    cfg = configlib.load(Path(run_dir) / "config.yaml")
+    cfg.mesh = dataclasses.replace(cfg.mesh, ici_data=1, ici_fsdp=1, ici_tensor=1, ici_context=1)
+    if use_ema and cfg.train.ema_decay <= 0:
+        raise ValueError(f"{run_dir} was trained without EMA (train.ema_decay=0): export without use_ema")
+    optimizer = steplib.make_optimizer(cfg)
+    mesh = create_mesh(cfg.mesh)
+    graphdef, state_sh, frozen_sh = steplib.state_shardings(cfg, mesh, optimizer)
+    state, frozen = steplib.abstract_state(cfg, optimizer)
+    checkpoints = Checkpointer(run_dir, cfg)
+    step = checkpoints.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {checkpoints.directory}")
+    if not checkpoints.save_frozen:  # the frozen weights live in train.init_from
+        frozen = steplib.split_model(steplib.build_model(cfg), cfg)[2]
+    state, frozen, _ = checkpoints.restore(step, state, state_sh, frozen, frozen_sh)
+    checkpoints.close()
+    model = nnx.merge(graphdef, state["ema"] if use_ema else state["params"], frozen)
+    if cfg.lora.enabled:
+        model = merge_lora(model)
+    return save_transformer(model, cfg.model, dst, format, dtype)

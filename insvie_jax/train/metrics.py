@@ -1,0 +1,83 @@
+"""What a run reports: RUN/metrics.jsonl (one JSON object per logged step) and TensorBoard scalars.
+
+Only process 0 writes; other processes get a writer that does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+# Dense bf16 peak TFLOP/s per chip, from the vendors' data sheets; matched as a substring of device_kind.
+PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "TPU v6": 918.0,
+    "TPU v5p": 459.0,
+    "TPU v5 lite": 197.0,
+    "TPU v5e": 197.0,
+    "TPU v4": 275.0,
+}
+
+
+def peak_tflops(device) -> float | None:
+    """The chip's peak bf16 TFLOP/s, or None when unknown (CPU): MFU is then reported as null."""
+    kind = getattr(device, "device_kind", "")
+    for name, tflops in PEAK_TFLOPS.items():
+        if name.lower() in kind.lower():
+            return tflops
+    return None
+
+
+def peak_memory_bytes(device) -> int | None:
+    """Peak device memory in use so far, where the backend reports it (GPU, TPU; not CPU)."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    return (stats or {}).get("peak_bytes_in_use")
+
+
+def step_flops(compiled) -> float | None:
+    """FLOPs of one step on one device, from XLA's cost analysis of the compiled (per-device) program."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - some backends do not implement it; FLOPs are then unknown
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    flops = (cost or {}).get("flops")
+    return float(flops) if flops and math.isfinite(flops) and flops > 0 else None
+
+
+class MetricsWriter:
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.enabled = enabled
+        self.jsonl = open(run_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115 - closed in close()
+        self.tensorboard = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.tensorboard.add_scalar(f"train/{key}", value, record["step"])
+
+    def error(self, step: int, message: str) -> None:
+        """A problem the run survives: on stderr and in metrics.jsonl as {"step", "error"}."""
+        print(f"insvie-jax train: {message}", file=sys.stderr, flush=True)
+        if self.enabled:
+            self.jsonl.write(json.dumps({"step": step, "error": message}) + "\n")
+            self.jsonl.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tensorboard.close()
