@@ -37,7 +37,8 @@ def run_mode(preset: str, mode: str, steps: int, remat: str, batch: int, extra: 
         overrides = [f"train.run_dir={run_dir}", f"train.steps={steps}", "train.log_every=1",
                      f"checkpoint.every={steps}", f"model.remat_policy={remat}", "mesh.ici_data=-1",
                      f"data.batch_size={batch or devices}", *MODES[mode], *extra]
-        env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_PYTHON_CLIENT_MEM_FRACTION="0.95")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+                   XLA_PYTHON_CLIENT_MEM_FRACTION="0.95")
         out = subprocess.run([sys.executable, "-m", "insvie_jax.cli", "train", preset, *overrides], env=env,
                              capture_output=True, text=True, check=False)
         if out.returncode != 0:
