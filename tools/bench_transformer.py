@@ -24,18 +24,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def model_flops(cfg, frames: int, height: int, width: int) -> float:
-    """Forward FLOPs of the transformer (matmuls + attention), batch 1; fwd+bwd is 3x."""
-    p = cfg.patch_size
-    n_video = frames * (height // p) * (width // p)
-    n = n_video + cfg.text_length
-    d, m = cfg.hidden_size, cfg.mlp_dim
-    per_layer = 2 * n * d * (3 * d) + 2 * n * d * d + 2 * 2 * n * d * m + 2 * 2 * n * n * d
-    embed = 2 * n_video * (p * p * 2 * cfg.in_channels) * d + 2 * cfg.text_length * cfg.text_embed_dim * d
-    out = 2 * n_video * d * p * p * cfg.out_channels
-    return cfg.num_layers * per_layer + embed + out
-
-
 def run_jax(preset: str, remat: str, frames: int, height: int, width: int, repeats: int) -> dict:
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     sys.path.insert(0, str(ROOT))
@@ -77,7 +65,7 @@ def run_jax(preset: str, remat: str, frames: int, height: int, width: int, repea
         times.append(time.perf_counter() - t0)
     step = statistics.median(times)
     stats = jax.devices()[0].memory_stats() or {}
-    flops = 3 * model_flops(cfg, frames, height // 8, width // 8)
+    flops = 3 * transformer.forward_flops(cfg, frames, height // 8, width // 8)
     return {
         "impl": "jax", "preset": preset, "remat": remat, "step_s": step, "compile_s": first - step,
         "times": times, "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30, "tflops": flops / step / 1e12,
@@ -93,6 +81,7 @@ def run_torch(preset: str, remat: str, frames: int, height: int, width: int, rep
     from insvie_jax import config as configlib
     from insvie_jax.convert.diffusers_keys import diffusers_config
     from insvie_jax.models.embeddings import rope_3d
+    from insvie_jax.models.transformer import forward_flops
 
     cfg = configlib.load(preset).model
     kwargs = {k: v for k, v in diffusers_config(cfg).items() if not k.startswith("_")}
@@ -131,7 +120,7 @@ def run_torch(preset: str, remat: str, frames: int, height: int, width: int, rep
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1000)
     step_s = statistics.median(times)
-    flops = 3 * model_flops(cfg, frames, lat_h, lat_w)
+    flops = 3 * forward_flops(cfg, frames, lat_h, lat_w)
     return {
         "impl": "torch", "preset": preset, "remat": remat, "step_s": step_s, "times": times,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "tflops": flops / step_s / 1e12,

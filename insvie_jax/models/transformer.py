@@ -279,3 +279,17 @@ def abstract(cfg: ModelConfig) -> EditTransformer:
 
 def count_params(model: nnx.Module) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def forward_flops(cfg: ModelConfig, frames: int, height: int, width: int) -> float:
+    """Model FLOPs of one forward pass of one sample on a latent clip (frames, height, width): the matmuls and
+    the attention products (2 per multiply-add); a training step is 3x. XLA's cost analysis cannot count these:
+    it sees neither the scanned layers' trip count nor the cuDNN attention custom call."""
+    p = cfg.patch_size
+    video = frames * (height // p) * (width // p)
+    n = video + cfg.text_length
+    d, m = cfg.hidden_size, cfg.mlp_dim
+    per_layer = 2 * n * d * 3 * d + 2 * n * d * d + 2 * 2 * n * d * m + 2 * 2 * n * n * d
+    embed = 2 * video * (p * p * 2 * cfg.in_channels) * d + 2 * cfg.text_length * cfg.text_embed_dim * d
+    return float(cfg.num_layers * per_layer + embed + 2 * video * d * p * p * cfg.out_channels)
+

@@ -98,7 +98,7 @@ def run(cfg: configlib.Config) -> dict:
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, frozen, steplib.put_batch(data.batch(start), batch_sh), np.int32(start)).compile()
     compile_s = time.perf_counter() - t0
-    flops = metricslib.step_flops(compiled)
+    flops = metricslib.step_flops(cfg, latent_shape(cfg)[:3], mesh.size)
     device = jax.local_devices()[0]
     peak = metricslib.peak_tflops(device)
     writer = metricslib.MetricsWriter(run_dir, enabled=main)

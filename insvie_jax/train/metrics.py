@@ -6,7 +6,6 @@ Only process 0 writes; other processes get a writer that does nothing.
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -39,16 +38,11 @@ def peak_memory_bytes(device) -> int | None:
     return (stats or {}).get("peak_bytes_in_use")
 
 
-def step_flops(compiled) -> float | None:
-    """FLOPs of one step on one device, from XLA's cost analysis of the compiled (per-device) program."""
-    try:
-        cost = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001 - some backends do not implement it; FLOPs are then unknown
-        return None
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else None
-    flops = (cost or {}).get("flops")
-    return float(flops) if flops and math.isfinite(flops) and flops > 0 else None
+def step_flops(cfg, latent: tuple[int, int, int], num_devices: int) -> float:
+    """Model FLOPs of one training step (forward + backward = 3x forward) on one device."""
+    from insvie_jax.models.transformer import forward_flops
+
+    return 3 * forward_flops(cfg.model, *latent) * cfg.data.batch_size / num_devices
 
 
 class MetricsWriter:
