@@ -72,7 +72,9 @@ def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, implementation: st
             local = functools.partial(_ring_attention, axis=axis, size=size)
         else:
             local = functools.partial(_gathered_attention, axis=axis, splash_blocks=splash_blocks)
-        return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec)(q, k, v)
+        # The gathered path may run the splash kernel (TPU), whose pallas_call does not declare vma types.
+        return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                             check_vma=implementation == "ring")(q, k, v)
     impl = resolve_implementation(implementation, q.dtype)
     if impl == "splash":
         return _splash_sharded(q, k, v, splash_blocks)
