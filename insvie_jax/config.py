@@ -53,7 +53,12 @@ class ModelConfig:
     norm_out_eps: float = 1e-5  # diffusers; SAT's final adaLN norm uses 1e-6
     param_dtype: str = "float32"
     dtype: str = "bfloat16"
-    attention: str = "auto"  # "auto" | "cudnn" | "xla"
+    attention: str = "auto"  # "auto" | "cudnn" | "xla" | "splash" | "ring" | "context_gather" (models/attention.py)
+    # TPU splash-attention tiles (multiples of 128; block_kv_compute divides block_kv); backward uses the same.
+    splash_block_q: int = 512
+    splash_block_kv: int = 512
+    splash_block_kv_compute: int = 512
+    splash_fused_bwd: bool = False  # one fused dQ/dK/dV backward kernel instead of two
     scan_layers: bool = True
     remat_policy: str = "none"  # "none" | "full" | "dots" | "dots_no_batch"
 
@@ -434,7 +439,7 @@ def save(config: Config, path: str | Path) -> None:
 _CHOICES = {
     "model.positions": ("sincos", "rope"),
     "model.patch_embed": ("double_ch", "fix_proj"),
-    "model.attention": ("auto", "cudnn", "xla"),
+    "model.attention": ("auto", "cudnn", "xla", "splash", "ring", "context_gather"),
     "model.remat_policy": ("none", "full", "dots", "dots_no_batch"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
@@ -505,6 +510,13 @@ def validate(config: Config) -> None:
         raise ConfigError(
             f"model hidden size {m.hidden_size} (heads x head_dim) must be divisible by 16 for sin-cos positions"
         )
+    splash_blocks = {k: getattr(m, k) for k in ("splash_block_q", "splash_block_kv", "splash_block_kv_compute")}
+    bad = [f"{k}={b}" for k, b in splash_blocks.items() if b <= 0 or b % 128]
+    if bad:
+        raise ConfigError(f"model.{', model.'.join(bad)}: splash block sizes must be positive multiples of 128")
+    if m.splash_block_kv % m.splash_block_kv_compute:
+        raise ConfigError(f"model.splash_block_kv_compute={m.splash_block_kv_compute} must divide "
+                          f"model.splash_block_kv={m.splash_block_kv}")
     if m.positions == "rope" and m.attention_head_dim % 16:
         raise ConfigError(f"model.attention_head_dim={m.attention_head_dim} must be divisible by 16 for 3D RoPE")
     if d.num_frames < 1 or (d.num_frames - 1) % m.temporal_compression:

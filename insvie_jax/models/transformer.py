@@ -15,7 +15,7 @@ from flax import nnx
 
 from insvie_jax.config import ModelConfig
 from insvie_jax.models import embeddings
-from insvie_jax.models.attention import attention
+from insvie_jax.models.attention import SplashBlocks, attention
 from insvie_jax.models.layers import Dense, LayerNorm
 from insvie_jax.parallel.sharding import constrain
 
@@ -56,6 +56,7 @@ class Attention(nnx.Module):
         self.norm_k = LayerNorm(hd, cfg.qk_norm_eps, ("head_dim",), rngs=rngs, param_dtype=pdt, dtype=dt)
         self.out = Dense((h, hd), (d,), ("heads", "head_dim", "embed"), rngs=rngs, param_dtype=pdt, dtype=dt)
         self.implementation = cfg.attention
+        self.splash_blocks = SplashBlocks.from_config(cfg)
         self.qkv_lora = self.out_lora = None  # LoRA adapters, attached by models/lora.add_lora
 
     def __call__(self, x, text_length: int, rope):
@@ -69,7 +70,7 @@ class Attention(nnx.Module):
             q = jnp.concatenate([q[:, :text_length], embeddings.apply_rope(q[:, text_length:], cos, sin)], axis=1)
             k = jnp.concatenate([k[:, :text_length], embeddings.apply_rope(k[:, text_length:], cos, sin)], axis=1)
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
-        out = attention(q, k, v, self.implementation)
+        out = attention(q, k, v, self.implementation, self.splash_blocks)
         if self.out_lora is not None:
             return self.out(out) + self.out_lora(out)
         return self.out(out)

@@ -43,6 +43,11 @@ def logical_rules(mesh: Mesh, rules):
         _ACTIVE.reset(token)
 
 
+def active_rules():
+    """(mesh, rules) of the innermost `logical_rules` context, or None outside one."""
+    return _ACTIVE.get()
+
+
 def constrain(x: jax.Array, names) -> jax.Array:
     active = _ACTIVE.get()
     if active is None:
