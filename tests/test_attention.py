@@ -21,16 +21,12 @@ from insvie_jax.config import ModelConfig
 from insvie_jax.models import transformer as tr
 from insvie_jax.models.attention import SplashBlocks, attention
 from insvie_jax.parallel.sharding import logical_rules
+from _compare import rel  # noqa: E402
 
 TOL = 1e-5
 AXES = ("data", "fsdp", "tensor", "context")
 RULES = [["batch", ["data", "fsdp"]], ["length", "context"], ["embed", "fsdp"], ["heads", "tensor"],
          ["mlp", "tensor"], ["head_dim", None], ["layers", None]]
-
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def mesh_of(shape) -> Mesh:

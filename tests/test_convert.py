@@ -23,6 +23,7 @@ from insvie_jax.convert.diffusers_keys import diffusers_config, transformer_from
 from insvie_jax.convert.sat import NotACheckpoint  # noqa: E402
 from insvie_jax.models import transformer as tr  # noqa: E402
 from insvie_jax.models.params import ParamMismatch, param_shapes  # noqa: E402
+from _compare import rel  # noqa: E402
 
 FORWARD_TOL = 1e-5
 TABLE_TOL = 1e-6  # our exported sin-cos table vs diffusers' (float32 on both sides)
@@ -109,11 +110,6 @@ def hf2sat(ref, cfg: ModelConfig, seed: int) -> dict:
     sat[PREFIX + "mixins.patch_embed.proj.bias"] = torch.randn(d, generator=gen)
     sat[PREFIX + "mixins.pos_embed.pos_embedding"] = ref.patch_embed.pos_embedding.clone()
     return sat
-
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def reference(cfg: ModelConfig, seed: int):

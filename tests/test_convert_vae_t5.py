@@ -30,6 +30,7 @@ from insvie_jax.convert import api, t5_keys, vae_keys  # noqa: E402
 from insvie_jax.models import t5  # noqa: E402
 from insvie_jax.models import transformer as tr  # noqa: E402
 from insvie_jax.models.params import flat_params, param_shapes, set_flat_params  # noqa: E402
+from _compare import rel  # noqa: E402
 
 FP32_TOL = 1e-5
 
@@ -42,11 +43,6 @@ T5_CFG = TextEncoderConfig(**{k: T5_HF[k] for k in ("vocab_size", "d_model", "d_
                                                      "relative_attention_num_buckets",
                                                      "relative_attention_max_distance")}, dtype="float32")
 TOKENIZER = {"spiece.model": b"\x00\x01sentencepiece bytes", "tokenizer_config.json": b'{"model_max_length": 226}'}
-
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def assert_same_tensors(got: dict, want: dict) -> None:

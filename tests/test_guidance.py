@@ -13,6 +13,7 @@ from insvie_jax import config as config_lib
 from insvie_jax.config import DiffusionConfig, SampleConfig
 from insvie_jax.diffusion import guidance, samplers
 from insvie_jax.models import transformer as tr
+from _compare import rel  # noqa: E402
 
 FORWARD_TOL = 1e-6  # batched vs separate calls of the same fp32 model
 
@@ -23,11 +24,6 @@ INSVIE_TEXT_SCALES = [
     4.929, 7.913, 7.425, 8.500, 7.460, 1.150, 2.372, 8.106, 8.499, 2.679, 7.516, 1.313, 8.500, 8.330, 1.079, 1.000,
     1.000, 1.154,
 ]
-
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def insvie_timesteps(steps=50):

@@ -23,6 +23,7 @@ from insvie_jax.config import DiffusionConfig, SampleConfig  # noqa: E402
 from insvie_jax.diffusion import guidance, samplers, schedule  # noqa: E402
 from insvie_jax.models import transformer as tr  # noqa: E402
 from insvie_jax.sample import loop  # noqa: E402
+from _compare import rel  # noqa: E402
 
 STEP_TOL = 1e-6
 LOOP_TOL = 1e-5  # jitted scan vs eager Python loop: XLA fuses differently
@@ -35,11 +36,6 @@ COGVIDEOX_SCHEDULER = dict(
     clip_sample=False, set_alpha_to_one=True, steps_offset=0, prediction_type="v_prediction",
     rescale_betas_zero_snr=True, timestep_spacing="trailing", snr_shift_scale=3.0,
 )
-
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def fake_model_outputs(seed: int = 0) -> np.ndarray:

@@ -23,6 +23,7 @@ from insvie_jax.config import load as load_config  # noqa: E402
 from insvie_jax.convert.t5_keys import load_t5, load_tokenizer, t5_from_hf  # noqa: E402
 from insvie_jax.models import t5  # noqa: E402
 from insvie_jax.models.params import ParamMismatch, set_flat_params  # noqa: E402
+from _compare import rel  # noqa: E402
 
 FP32_TOL = 1e-5
 BF16_TOL = 1e-2
@@ -33,11 +34,6 @@ HF_CONFIG = dict(
     layer_norm_epsilon=1e-6,
 )
 LENGTH = 30  # longer than max_distance, so the log-spaced and clamped buckets are used
-
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 @pytest.fixture(scope="module")

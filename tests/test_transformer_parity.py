@@ -20,6 +20,7 @@ from insvie_jax.config import ModelConfig  # noqa: E402
 from insvie_jax.convert.diffusers_keys import diffusers_config, transformer_from_diffusers  # noqa: E402
 from insvie_jax.models import transformer as tr  # noqa: E402
 from insvie_jax.models.params import set_flat_params  # noqa: E402
+from _compare import rel  # noqa: E402
 
 FORWARD_TOL = 1e-5
 GRAD_TOL = 1e-4
@@ -32,11 +33,6 @@ SINCOS = ModelConfig(
 )
 ROPE = dataclasses.replace(SINCOS, positions="rope", num_attention_heads=2, attention_head_dim=32,
                            sample_height=12, sample_width=16)
-
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def reference(cfg: ModelConfig, seed: int):

@@ -22,6 +22,7 @@ from insvie_jax.config import VAEConfig  # noqa: E402
 from insvie_jax.convert import vae_keys  # noqa: E402
 from insvie_jax.models import vae as vae_model  # noqa: E402
 from insvie_jax.models.params import flat_params  # noqa: E402
+from _compare import rel  # noqa: E402
 
 TOL = 1e-4
 BF16_TOL = 5e-2
@@ -36,11 +37,6 @@ MODES = {
     "tiled": dict(encode_frame_batch=8, decode_frame_batch=2, tiling=True),
 }
 HEIGHT, WIDTH = 48, 80  # > one tile in both directions, non-square
-
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def to_torch(x: np.ndarray):
