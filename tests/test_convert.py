@@ -22,10 +22,12 @@ from insvie_jax.convert import api, sat_keys  # noqa: E402
 from insvie_jax.convert.diffusers_keys import diffusers_config, transformer_from_diffusers  # noqa: E402
 from insvie_jax.convert.sat import NotACheckpoint  # noqa: E402
 from insvie_jax.models import transformer as tr  # noqa: E402
-from insvie_jax.models.params import ParamMismatch, param_shapes  # noqa: E402
+from insvie_jax.models.lora import merge_lora  # noqa: E402
+from insvie_jax.models.params import ParamMismatch, flat_params, param_shapes  # noqa: E402
 from _compare import rel  # noqa: E402
 
 FORWARD_TOL = 1e-5
+MERGE_TOL = 1e-6  # models.lora.merge_lora of the loaded adapters vs the converter's merge
 TABLE_TOL = 1e-6  # our exported sin-cos table vs diffusers' (float32 on both sides)
 PREFIX = "model.diffusion_model."
 
@@ -34,6 +36,17 @@ CFG = ModelConfig(
     text_length=7, sample_height=10, sample_width=14, sample_frames=9, positions="sincos",
     dtype="float32", param_dtype="float32",
 )
+
+# The SAT yaml's `model.network_config.params` of CFG.
+NETWORK_PARAMS = {
+    "num_layers": 2, "hidden_size": 48, "num_attention_heads": 3, "time_embed_dim": 24, "patch_size": 2,
+    "in_channels": 16, "out_channels": 16, "num_frames": 9, "time_compressed_rate": 4,
+    "latent_height": 10, "latent_width": 14,
+    "modules": {"pos_embed_config": {"target": "dit_video_concat.Basic3DPositionEmbeddingMixin",
+                                     "params": {"text_length": 7, "height_interpolation": 1.875,
+                                                "width_interpolation": 1.875}},
+                "patch_embed_config": {"params": {"text_hidden_size": 20, "emb_ver": "double_ch"}}},
+}
 
 # CogVideo tools/convert_weight_sat2hf.py, TRANSFORMER_KEYS_RENAME_DICT: applied in this order by str.replace.
 SAT2HF_RENAMES = [
@@ -259,9 +272,10 @@ def test_text_to_video_sat_loads_as_the_fresh_edit_model(ref, tmp_path):
     np.testing.assert_array_equal(flat["patch_embed.proj_edit.bias"], sat[PREFIX + "mixins.patch_embed.proj.bias"])
 
 
-def test_lora_checkpoint_loads_merged(ref, tmp_path):
-    rank, sat = 4, hf2sat(ref, CFG, seed=2)
-    gen = torch.Generator().manual_seed(5)
+def lora_sat(ref, rank: int, alpha: float, seed: int) -> tuple[dict, dict]:
+    """(SAT lora2 state dict of `ref` with random non-zero adapters, the plain state dict of SAT's merge rule)."""
+    sat = hf2sat(ref, CFG, seed=2)
+    gen = torch.Generator().manual_seed(seed)
     merged = dict(sat)
     d = CFG.hidden_size
     for i in range(CFG.num_layers):
@@ -273,8 +287,13 @@ def test_lora_checkpoint_loads_merged(ref, tmp_path):
             for j in range(parts):
                 a, b = torch.randn(rank, d, generator=gen), 0.5 * torch.randn(d, rank, generator=gen)
                 sat[f"{base}.matrix_A.{j}"], sat[f"{base}.matrix_B.{j}"] = a, b
-                deltas.append(b @ a / rank)  # SAT lora2: scaling = lora_alpha (1) / r
+                deltas.append(b @ a * (alpha / rank))  # SAT lora2: scaling = lora_alpha / r
             merged[f"{base}.weight"] = weight + torch.cat(deltas)
+    return sat, merged
+
+
+def test_lora_checkpoint_loads_merged(ref, tmp_path):
+    sat, merged = lora_sat(ref, rank=4, alpha=1.0, seed=5)
     path = save_sat(sat, tmp_path / "lora")
     with pytest.raises(ValueError, match="merge_lora=True"):
         api.read_flat(path, merge_lora=False)
@@ -287,15 +306,43 @@ def test_lora_checkpoint_loads_merged(ref, tmp_path):
     assert rel(without_adapters, want) > 1e-2  # the adapters changed the function
 
 
+@pytest.mark.parametrize("alpha", [None, 2.0])  # None: no yaml, SAT's default lora_alpha 1
+def test_lora_checkpoint_loads_with_adapters_attached(ref, tmp_path, alpha):
+    rank = 4
+    sat, merged = lora_sat(ref, rank, 1.0 if alpha is None else alpha, seed=5)
+    path = save_sat(sat, tmp_path / "lora")
+    network = None if alpha is None else {"model": {"network_config": {"params": {
+        **NETWORK_PARAMS, "lora_config": {"target": "sat.model.finetune.lora2.LoraMixin",
+                                          "params": {"r": rank, "lora_alpha": alpha}}}}}}
+    with_adapters, cfg = api.load_transformer(path, network, merge_lora=False, dtype="float32")
+    adapters = {k: v for k, v in flat_params(with_adapters).items() if "lora" in k}
+    assert sorted(adapters) == [f"blocks.attn.{m}.lora_{ab}" for m in ("out_lora", "qkv_lora") for ab in "ab"]
+    assert adapters["blocks.attn.qkv_lora.lora_a"].shape == (CFG.num_layers, 3, CFG.hidden_size, rank)
+    assert all(np.abs(v).min() > 0 for v in adapters.values())  # every layer and part got the file's A and B
+    merged_load, _ = api.load_transformer(path, network, dtype="float32")
+
+    merged_ref = reference(CFG, seed=1)
+    merged_ref.load_state_dict(sat2hf(merged), strict=False)
+    got, want = forwards(merged_ref, with_adapters, CFG, seed=6)
+    assert rel(got, want) <= FORWARD_TOL
+    got_merged, _ = forwards(merged_ref, merged_load, CFG, seed=6)
+    assert rel(got, got_merged) <= FORWARD_TOL
+
+    folded, plain = flat_params(merge_lora(with_adapters)), flat_params(merged_load)
+    assert sorted(folded) == sorted(plain)
+    for key in plain:
+        assert rel(folded[key], plain[key]) <= MERGE_TOL, key
+
+
+def test_lora_rank_disagreeing_with_the_yaml_is_refused(ref, tmp_path):
+    path = save_sat(lora_sat(ref, rank=4, alpha=1.0, seed=5)[0], tmp_path / "lora")
+    network = {"model": {"network_config": {"params": {**NETWORK_PARAMS, "lora_config": {"params": {"r": 8}}}}}}
+    with pytest.raises(ValueError, match="rank 4 but the SAT yaml's lora_config says r=8"):
+        api.load_transformer(path, network, merge_lora=False)
+
+
 def test_sat_yaml_gives_the_config(sat_dir):
-    network = {"model": {"network_config": {"params": {
-        "num_layers": 2, "hidden_size": 48, "num_attention_heads": 3, "time_embed_dim": 24, "patch_size": 2,
-        "in_channels": 16, "out_channels": 16, "num_frames": 9, "time_compressed_rate": 4,
-        "latent_height": 10, "latent_width": 14,
-        "modules": {"pos_embed_config": {"target": "dit_video_concat.Basic3DPositionEmbeddingMixin",
-                                         "params": {"text_length": 7, "height_interpolation": 1.875,
-                                                    "width_interpolation": 1.875}},
-                    "patch_embed_config": {"params": {"text_hidden_size": 20, "emb_ver": "double_ch"}}}}}}}
+    network = {"model": {"network_config": {"params": NETWORK_PARAMS}}}
     _, cfg = api.read_flat(sat_dir, sat_config=network)
     assert cfg == dataclasses.replace(CFG, dtype=cfg.dtype)
 

@@ -18,6 +18,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import yaml
 
@@ -27,6 +28,7 @@ from insvie_jax.convert import diffusers_keys, files, sat, sat_keys
 from insvie_jax.convert.files import Progress
 from insvie_jax.convert.files import quiet as _quiet
 from insvie_jax.convert.sat import NotACheckpoint
+from insvie_jax.models import lora as lora_lib
 from insvie_jax.models import transformer as tr
 from insvie_jax.models.params import ParamMismatch, check_params, flat_params, module_from_flat, param_shapes
 
@@ -93,19 +95,30 @@ def _edit_from_t2v(flat: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, n
 # Readers: path -> (flat params, config)
 
 
+@dataclasses.dataclass
+class SatLora:
+    """A SAT file's adapters in our layout: `lora_a` / `lora_b` flat params for `models.lora.add_lora`."""
+
+    flat: dict[str, np.ndarray]
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+
+
 def _read_sat(path: Path, sat_config, merge_lora: bool, progress: Progress):
+    """(flat params, config, SatLora or None): adapters are merged, or with merge_lora=False returned apart."""
     sd = sat_keys.strip_prefix(sat.read_module(path, progress))
-    if sat_keys.has_lora(sd):
-        if not merge_lora:
-            raise ValueError(
-                f"{path} holds LoRA adapters (matrix_A/matrix_B); our transformer loads merged weights: "
-                "pass merge_lora=True (CLI: --merge-lora)"
-            )
-        sd = sat_keys.merge_lora(sd)
-    if "mixins.patch_embed.proj_edit.weight" not in sd and f"{sat_keys.T2V_PROJ}.weight" in sd:
-        sd = {**sd, **{f"mixins.patch_embed.proj_edit.{k}": sd[f"{sat_keys.T2V_PROJ}.{k}"] for k in ("weight", "bias")}}
     if sat_config is not None and not isinstance(sat_config, dict):
         sat_config = yaml.safe_load(Path(sat_config).read_text())
+    yaml_rank, alpha = sat_keys.yaml_lora(sat_config)
+    adapters = None
+    if sat_keys.has_lora(sd):
+        if merge_lora:
+            sd = sat_keys.merge_lora(sd, alpha)
+        else:
+            sd, adapters = sat_keys.split_lora(sd)
+    if "mixins.patch_embed.proj_edit.weight" not in sd and f"{sat_keys.T2V_PROJ}.weight" in sd:
+        sd = {**sd, **{f"mixins.patch_embed.proj_edit.{k}": sd[f"{sat_keys.T2V_PROJ}.{k}"] for k in ("weight", "bias")}}
     cfg = sat_keys.infer_config(sd, sat_config)
     sd = sat_keys.loadable_keys(sd)
     # The 16-channel `proj` is dead weight in the edit model (and absent from a 5B-style file): not checked.
@@ -121,7 +134,14 @@ def _read_sat(path: Path, sat_config, merge_lora: bool, progress: Progress):
         flat_shapes = _sat_as_flat_shapes(found)
         raise ParamMismatch(str(err) + (_preset_hint(flat_shapes) if flat_shapes else "")) from None
     flat = sat_keys.transformer_from_sat(sd, cfg)
-    return _edit_from_t2v(flat, cfg), cfg
+    lora = None
+    if adapters:
+        lora_flat, rank, targets = sat_keys.lora_to_flat(adapters, cfg)
+        if yaml_rank is not None and yaml_rank != rank:
+            raise sat_keys.SatFormatError(f"{path}: the adapters have rank {rank} but the SAT yaml's "
+                                          f"lora_config says r={yaml_rank}")
+        lora = SatLora(lora_flat, rank, alpha, targets)
+    return _edit_from_t2v(flat, cfg), cfg, lora
 
 
 def _sat_as_flat_shapes(found: dict[str, tuple]) -> dict[str, tuple] | None:
@@ -185,7 +205,13 @@ def read_flat(path: str | Path, sat_config=None, merge_lora: bool = True,
     path = Path(path)
     fmt = detect_format(path)
     if fmt == "sat":
-        return _read_sat(path, sat_config, merge_lora, progress)
+        flat, cfg, lora = _read_sat(path, sat_config, merge_lora, progress)
+        if lora is not None:
+            raise ValueError(
+                f"{path} holds LoRA adapters (matrix_A/matrix_B); flat params hold merged weights: pass "
+                "merge_lora=True (CLI: --merge-lora), or load_transformer(merge_lora=False) to keep the adapters"
+            )
+        return flat, cfg
     if fmt == "diffusers":
         return _read_diffusers(path, progress)
     return _read_native(path, progress)
@@ -227,10 +253,31 @@ def model_from_flat(flat: dict[str, np.ndarray], cfg: ModelConfig) -> tr.EditTra
     return module_from_flat(tr.abstract(cfg), flat, "parameters")
 
 
-def load_transformer(path: str | Path, sat_config=None, merge_lora: bool = True):
-    """(EditTransformer, ModelConfig) from a SAT, diffusers or native checkpoint (format detected)."""
-    flat, cfg = read_flat(path, sat_config, merge_lora)
-    return model_from_flat(flat, cfg), cfg
+def load_transformer(path: str | Path, sat_config=None, merge_lora: bool = True, dtype: str | None = None):
+    """(EditTransformer, ModelConfig) from a SAT, diffusers or native checkpoint (format detected).
+
+    A SAT file with LoRA adapters is merged, or with merge_lora=False loaded with them attached
+    (`models.lora.add_lora` at the file's rank; alpha from the yaml's lora_config, else SAT's default 1).
+    `dtype` overrides the compute dtype (e.g. "float32"; default the config's).
+    """
+    runtime = {} if dtype is None else {"dtype": dtype}
+    if merge_lora or detect_format(path) != "sat":
+        flat, cfg = read_flat(path, sat_config, merge_lora)
+        cfg = dataclasses.replace(cfg, **runtime)
+        return model_from_flat(flat, cfg), cfg
+    flat, cfg, lora = _read_sat(Path(path), sat_config, merge_lora, _quiet)
+    cfg = dataclasses.replace(cfg, **runtime)
+    model = model_from_flat(flat, cfg)
+    if lora is not None:
+        lora_lib.add_lora(model, lora.rank, lora.alpha, lora.targets)
+        shapes = {k: v for k, v in param_shapes(model).items() if k.rsplit(".", 1)[-1] in ("lora_a", "lora_b")}
+        check_params(shapes, {k: v.shape for k, v in lora.flat.items()}, f"LoRA adapters of {path}")
+        attn = model.blocks.attn
+        for key, value in lora.flat.items():
+            _, _, module, name = key.split(".")
+            var = getattr(getattr(attn, module), name)
+            var[...] = jnp.asarray(value, var[...].dtype)
+    return model, cfg
 
 
 def save_transformer(model, config: ModelConfig, path: str | Path, format: str = "native",

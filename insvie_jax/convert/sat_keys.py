@@ -28,6 +28,7 @@ T2V_PROJ = "mixins.patch_embed.proj"  # the pretrained 16-channel patch projecti
 _RECOMPUTED = ("mixins.pos_embed.freqs_sin", "mixins.pos_embed.freqs_cos", "transformer.position_embeddings.weight",
                "transformer.word_embeddings.weight")
 _LORA = re.compile(r"^(.*)\.(query_key_value|dense)\.(original\.(weight|bias)|matrix_[AB]\.\d+)$")
+_LORA_LAYER = re.compile(r"^transformer\.layers\.(\d+)\.attention\.(query_key_value|dense)$")
 
 # SAT name -> diffusers name of tensors whose layout is the same on both sides ({i} = layer index).
 _SAME = {
@@ -74,35 +75,97 @@ def has_lora(sd: dict) -> bool:
     return any(_LORA.match(k) for k in sd)
 
 
-def merge_lora(sd: dict[str, np.ndarray], alpha: float = 1.0) -> dict[str, np.ndarray]:
-    """Folds LoRA adapters into the base weights: W_part += B_j A_j alpha/r for each q|k|v (or dense) part.
+def split_lora(sd: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, list]]:
+    """(state dict with the base weights `...original.weight|bias` under their plain names, adapters).
 
-    `...query_key_value.original.weight` becomes `...query_key_value.weight` etc.; computed in float32.
+    Adapters: {layer name (`...query_key_value` | `...dense`): [(matrix_A.j (r, in), matrix_B.j (out/parts, r))]}.
     """
     out = {k: v for k, v in sd.items() if not _LORA.match(k)}
-    bases = sorted({m.group(1) + "." + m.group(2) for k in sd if (m := _LORA.match(k))})
-    for base in bases:
+    adapters = {}
+    for base in sorted({m.group(1) + "." + m.group(2) for k in sd if (m := _LORA.match(k))}):
         for kind in ("weight", "bias"):
             key = f"{base}.original.{kind}"
             if key not in sd:
                 raise SatFormatError(f"LoRA layer {base} has adapters but no '{key}'")
             out[f"{base}.{kind}"] = sd[key]
-        weight = np.array(sd[f"{base}.original.weight"], np.float32)
+        weight_shape = sd[f"{base}.original.weight"].shape
         parts = 3 if base.endswith("query_key_value") else 1
-        rows = weight.shape[0] // parts
+        rows = weight_shape[0] // parts
+        pairs = []
         for j in range(parts):
             a, b = sd.get(f"{base}.matrix_A.{j}"), sd.get(f"{base}.matrix_B.{j}")
             if a is None or b is None:
                 raise SatFormatError(f"LoRA layer {base} lacks matrix_A.{j} or matrix_B.{j}")
-            a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-            if a.shape != (a.shape[0], weight.shape[1]) or b.shape != (rows, a.shape[0]):
+            if a.shape != (a.shape[0], weight_shape[1]) or b.shape != (rows, a.shape[0]):
                 raise SatFormatError(
                     f"LoRA layer {base} part {j}: matrix_A {a.shape} and matrix_B {b.shape} do not fit "
-                    f"a base weight {weight.shape} (expected A (r, {weight.shape[1]}), B ({rows}, r))"
+                    f"a base weight {weight_shape} (expected A (r, {weight_shape[1]}), B ({rows}, r))"
                 )
+            pairs.append((a, b))
+        adapters[base] = pairs
+    return out, adapters
+
+
+def merge_lora(sd: dict[str, np.ndarray], alpha: float = 1.0) -> dict[str, np.ndarray]:
+    """Folds LoRA adapters into the base weights: W_part += B_j A_j alpha/r for each q|k|v (or dense) part.
+
+    `...query_key_value.original.weight` becomes `...query_key_value.weight` etc.; computed in float32.
+    """
+    out, adapters = split_lora(sd)
+    for base, pairs in adapters.items():
+        weight = np.array(out[f"{base}.weight"], np.float32)
+        rows = weight.shape[0] // len(pairs)
+        for j, (a, b) in enumerate(pairs):
+            a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
             weight[j * rows:(j + 1) * rows] += (b @ a) * np.float32(alpha / a.shape[0])
         out[f"{base}.weight"] = weight
     return out
+
+
+def yaml_lora(network: dict | None) -> tuple[int | None, float]:
+    """(r, lora_alpha) of a SAT yaml's `lora_config` (whole file or its network config); lora2's default alpha 1."""
+    if network is None:
+        return None, 1.0
+    network = network.get("model", network)
+    network = network.get("network_config", network)
+    params = network.get("params", network).get("lora_config", {}).get("params", {})
+    return params.get("r"), float(params.get("lora_alpha", 1.0))
+
+
+def lora_to_flat(adapters: dict[str, list], cfg: ModelConfig) -> tuple[dict[str, np.ndarray], int, tuple[str, ...]]:
+    """SAT adapters (from `split_lora`) -> (our stacked `lora_a` / `lora_b` flat params, rank, lora targets).
+
+    Ours (models/lora.py): qkv A (layers, 3, D, r), B (layers, 3, r, heads, head_dim); out A (layers, heads,
+    head_dim, r), B (layers, r, D): SAT's A (r, in) and B (out, r) transposed. A layer without adapters (SAT's
+    `layer_range`) gets zeros, which add nothing.
+    """
+    h, hd, d, n = cfg.num_attention_heads, cfg.attention_head_dim, cfg.hidden_size, cfg.num_layers
+    ranks = {a.shape[0] for pairs in adapters.values() for a, _ in pairs}
+    if len(ranks) != 1:
+        raise SatFormatError(f"LoRA adapters of different ranks {sorted(ranks)}: ours need one rank for all layers")
+    (r,) = ranks
+    kinds = {}
+    for base, pairs in adapters.items():
+        m = _LORA_LAYER.match(base)
+        if m is None or int(m.group(1)) >= n:
+            raise SatFormatError(f"LoRA adapters on {base}: only the attention query_key_value and dense of "
+                                 f"layers 0..{n - 1} convert")
+        kinds.setdefault(m.group(2), {})[int(m.group(1))] = pairs
+    flat, targets = {}, []
+    if "query_key_value" in kinds:
+        a_all, b_all = np.zeros((n, 3, d, r), np.float32), np.zeros((n, 3, r, h, hd), np.float32)
+        for i, pairs in kinds["query_key_value"].items():
+            for j, (a, b) in enumerate(pairs):
+                a_all[i, j], b_all[i, j] = a.T, b.T.reshape(r, h, hd)
+        flat |= {"blocks.attn.qkv_lora.lora_a": a_all, "blocks.attn.qkv_lora.lora_b": b_all}
+        targets.append("qkv")
+    if "dense" in kinds:
+        a_all, b_all = np.zeros((n, h, hd, r), np.float32), np.zeros((n, r, d), np.float32)
+        for i, [(a, b)] in kinds["dense"].items():
+            a_all[i], b_all[i] = a.T.reshape(h, hd, r), b.T
+        flat |= {"blocks.attn.out_lora.lora_a": a_all, "blocks.attn.out_lora.lora_b": b_all}
+        targets.append("attn_out")
+    return flat, r, tuple(targets)
 
 
 # ---------------------------------------------------------------------------------------------------
