@@ -12,9 +12,8 @@ on stderr and in metrics.jsonl by the loop, and the next save is tried as schedu
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import json
+from pathlib import Path
 
 import grain.checkpoint
 import jax
