@@ -1,7 +1,9 @@
 """Training on real data: tiny mp4 triplets -> `insvie-jax encode` (the tiny config's random VAE and T5) ->
 ArrayRecord shards -> `insvie-jax train data.source=arrayrecord`. The loss falls, and a run SIGKILLed after
 a checkpoint and resumed (grain iterator state restored from the checkpoint) gives the same per-step
-losses as an uninterrupted run, bit for bit (CPU)."""
+losses as an uninterrupted run, bit for bit (CPU). At the last step the run samples validation edits of
+the eval split's first clips: edit_mse / source_mse in metrics.jsonl, decoded side-by-side mp4s, TensorBoard
+frame strips."""
 
 import json
 import os
@@ -11,14 +13,19 @@ import sys
 import time
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 from _data_clips import write_insvie_csv, write_pair
+
+from insvie_jax import config as configlib
+from insvie_jax.data.pipeline import make_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 30
 KILL_AFTER = 14  # steps done before the kill: a checkpoint at 10 exists, steps 10..14 run twice
 CLIP = ["data.num_frames=9", "data.height=32", "data.width=48"]
+VAL = [f"train.sample_every={STEPS}", "train.num_val_clips=2", "train.val_sample_steps=4"]
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +55,24 @@ def shards(tmp_path_factory, env):
     return out
 
 
+def _overrides(shards):
+    return [*CLIP, *VAL, "data.source=arrayrecord", f"data.paths=[{shards}]", "data.batch_size=2",
+            f"train.steps={STEPS}", "train.warmup_steps=5", "train.log_every=1", "checkpoint.every=5",
+            "checkpoint.keep=2"]
+
+
 def _command(run_dir, shards):
-    return [sys.executable, "-m", "insvie_jax.cli", "train", "tiny", f"train.run_dir={run_dir}", *CLIP,
-            "data.source=arrayrecord", f"data.paths=[{shards}]", "data.batch_size=2", f"train.steps={STEPS}",
-            "train.warmup_steps=5", "train.log_every=1", "checkpoint.every=5", "checkpoint.keep=2"]
+    return [sys.executable, "-m", "insvie_jax.cli", "train", "tiny", f"train.run_dir={run_dir}", *_overrides(shards)]
+
+
+@pytest.fixture(scope="module")
+def reference_dir(tmp_path_factory, env, shards):
+    """An uninterrupted run."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    done = subprocess.run(_command(run_dir, shards), env=env, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    return run_dir
 
 
 def _losses(run_dir) -> dict[int, list[float]]:
@@ -65,11 +86,7 @@ def _losses(run_dir) -> dict[int, list[float]]:
     return seen
 
 
-def test_arrayrecord_training_learns_and_resumes_bit_for_bit(tmp_path, env, shards):
-    reference_dir = tmp_path / "reference"
-    done = subprocess.run(_command(reference_dir, shards), env=env, capture_output=True, text=True, timeout=120,
-                          check=False)
-    assert done.returncode == 0, done.stderr
+def test_arrayrecord_training_learns_and_resumes_bit_for_bit(tmp_path, env, shards, reference_dir):
     reference = {step: values[0] for step, values in _losses(reference_dir).items()}
     assert sorted(reference) == list(range(STEPS))
     losses = np.array([reference[s] for s in range(STEPS)])
@@ -97,3 +114,22 @@ def test_arrayrecord_training_learns_and_resumes_bit_for_bit(tmp_path, env, shar
     assert any(len(v) > 1 for v in seen.values())  # steps after the checkpoint ran again after the resume
     mismatched = {s: (v, reference[s]) for s, v in seen.items() if any(x != reference[s] for x in v)}
     assert not mismatched, f"losses differ from the uninterrupted run at {mismatched}"
+
+
+def test_validation_edits_metrics_videos_and_tensorboard(reference_dir, shards):
+    records = [json.loads(line) for line in (reference_dir / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in records if "edit_mse" in r]
+    assert [(r["step"], r["val_clips"]) for r in val] == [(STEPS, 2)]
+    # source_mse is that of the eval split's first two clips, as the pipeline yields them.
+    first = next(iter(make_pipeline(configlib.load("tiny", _overrides(shards)), "eval", 0, 1)))
+    want = float(np.mean((first["source"] - first["target"]) ** 2))
+    assert abs(val[0]["source_mse"] - want) <= 1e-6 * want, (val[0], want)
+    assert np.isfinite(val[0]["edit_mse"]) and val[0]["edit_mse"] > 0
+
+    for index in range(2):
+        with av.open(str(reference_dir / "samples" / str(STEPS) / f"{index:02d}.mp4")) as container:
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        assert len(frames) == 9 and frames[0].shape == (32, 3 * 48, 3)  # source | edit | target
+        assert np.std(np.stack(frames)) > 1  # decoded pictures, not a constant
+    events = b"".join(p.read_bytes() for p in (reference_dir / "tensorboard").iterdir())
+    assert b"val/clip_00" in events and b"val/clip_01" in events and b"val/edit_mse" in events

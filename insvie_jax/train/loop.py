@@ -27,6 +27,7 @@ from insvie_jax.parallel import distributed
 from insvie_jax.parallel import mesh as meshlib
 from insvie_jax.train import metrics as metricslib
 from insvie_jax.train import step as steplib
+from insvie_jax.train import validate as validatelib
 from insvie_jax.train.checkpoint import Checkpointer
 
 STAGE = "main"  # multi-stage schedules (config `stages`) are not run yet: every step belongs to one stage
@@ -54,6 +55,9 @@ class _SyntheticBatches:
 
     def batch(self, step: int) -> dict:
         return steplib.put_batch(self.data.batch(step), self.shardings)
+
+    def host_batch(self, step: int) -> dict:
+        return self.data.batch(step)
 
 
 class _PipelineBatches:
@@ -143,6 +147,11 @@ def run(cfg: configlib.Config) -> dict:
     device = jax.local_devices()[0]
     peak = metricslib.peak_tflops(device)
     writer = metricslib.MetricsWriter(run_dir, enabled=main)
+    validator = None
+    if cfg.train.sample_every:
+        synthetic = data.host_batch(0) if cfg.data.source == "synthetic" else None
+        validator = validatelib.Validator(cfg, mesh, graphdef, validatelib.validation_clips(cfg, synthetic), run_dir,
+                                          writer, main)
     stop = _StopSignal()
     losses: list[float] = []
     t = cfg.train
@@ -206,6 +215,8 @@ def run(cfg: configlib.Config) -> dict:
                 interrupted = f"signal {stop.received} after step {step}"
             if done % cfg.checkpoint.every == 0 or done == t.steps or interrupted:
                 save(done)
+            if validator and validator.due(done):
+                validator(done, state["params"], frozen)
             if interrupted:
                 break
         if pending:
