@@ -229,6 +229,11 @@ class TrainConfig:
     source_dropout: float = 0.05
     source_dropout_per: str = "batch"  # "batch": one draw per step (InsViE) | "sample"
     log_every: int = 10
+    # Validation edits (train/validate.py): every this many steps, 0 = off; of up to num_val_clips clips
+    # (the eval split's first, or the first synthetic batch's), with val_sample_steps sampler steps.
+    sample_every: int = 0
+    num_val_clips: int = 2
+    val_sample_steps: int = 10
 
 
 @dataclasses.dataclass
@@ -545,9 +550,11 @@ def validate(config: Config) -> None:
     if config.lora.enabled and config.lora.rank <= 0:
         raise ConfigError(f"lora.rank={config.lora.rank} must be positive")
     t = config.train
-    for key in ("grad_accum", "max_nonfinite_in_a_row", "log_every"):
+    for key in ("grad_accum", "max_nonfinite_in_a_row", "log_every", "num_val_clips", "val_sample_steps"):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key}={getattr(t, key)} must be at least 1")
+    if t.sample_every < 0:
+        raise ConfigError(f"train.sample_every={t.sample_every} must be >= 0 (0 = no validation edits)")
     if not 0 <= t.ema_decay < 1:
         raise ConfigError(f"train.ema_decay={t.ema_decay} must be in [0, 1) (0 = no EMA)")
     if config.checkpoint.every < 1 or config.checkpoint.keep < 1 or config.checkpoint.keep_every < 0:

@@ -55,20 +55,25 @@ def config_hash(cfg) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def load_vae_of(cfg):
+    """The config's VAE: `vae.path`, or with an empty path the random one seeded by data.seed (tests, tiny)."""
+    if cfg.vae.path:
+        from insvie_jax.convert.vae_keys import load_vae
+
+        return load_vae(cfg.vae.path, cfg.vae)[0]
+    from insvie_jax.models import vae as vae_model
+
+    return vae_model.build(cfg.vae, seed=cfg.data.seed)
+
+
 class TripletEncoder:
     """The VAE and T5 of a config, jitted: pixels -> posterior (mean, std), instructions -> embeddings."""
 
     def __init__(self, cfg):
         from insvie_jax.models import t5
-        from insvie_jax.models import vae as vae_model
 
         self.cfg = cfg
-        if cfg.vae.path:
-            from insvie_jax.convert.vae_keys import load_vae
-
-            self.vae, _ = load_vae(cfg.vae.path, cfg.vae)
-        else:
-            self.vae = vae_model.build(cfg.vae, seed=cfg.data.seed)
+        self.vae = load_vae_of(cfg)
         if cfg.text_encoder.path:
             from insvie_jax.convert.t5_keys import load_t5, load_tokenizer
 

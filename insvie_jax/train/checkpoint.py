@@ -1,8 +1,9 @@
 """Checkpoints of a run: RUN/checkpoints/<step>/ through an orbax CheckpointManager (async, multi-host).
 
 Each checkpoint holds the train state (trainable params, optimizer state, EMA, skip counters), the frozen
-params unless they come from `train.init_from` (then they are re-read from there), and a JSON `meta`: the
-step (= steps done), seed, data iterator position, stage name and the resolved config.
+params unless they come from `train.init_from` (then they are re-read from there), a JSON `meta`: the
+step (= steps done), seed, data iterator position, stage name and the resolved config, and for grain data
+pipelines a `data` folder with each process's iterator state (grain's orbax handler, one file per process).
 
 A save that fails (disk full, unwritable folder) does not stop the run: orbax writes into a temporary
 folder and renames it only when complete, so earlier checkpoints stay readable; the failure is reported
@@ -11,12 +12,24 @@ on stderr and in metrics.jsonl by the loop, and the next save is tried as schedu
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import grain.checkpoint
 import jax
 import orbax.checkpoint as ocp
 
 from insvie_jax.config import Config
+
+
+class _FrozenState:
+    """The iterator state at save time, for grain's handler: an async save may run after the loop moved on."""
+
+    def __init__(self, iterator):
+        self.state = json.dumps(iterator.get_state(), indent=1).encode()
+
+    def get_state(self) -> bytes:
+        return self.state
 
 
 def _abstract(tree, shardings):
@@ -39,18 +52,25 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, frozen, meta: dict) -> None:
+    def save(self, step: int, state, frozen, meta: dict, data_iterator=None) -> None:
         """Starts writing checkpoint `step` (returns before the write ends when async); raises on failure,
-        including the failure of an earlier async write."""
+        including the failure of an earlier async write. `data_iterator`: a grain iterator whose state is saved."""
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(_FrozenState(data_iterator))
         if self.save_frozen and jax.tree.leaves(frozen):
             items["frozen"] = ocp.args.StandardSave(frozen)
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
-    def restore(self, step: int, state, state_sh, frozen, frozen_sh):
+    def restore(self, step: int, state, state_sh, frozen, frozen_sh, data_iterator=None):
         """(state, frozen, meta) of checkpoint `step`, placed with the given shardings; `state`/`frozen`
-        give the structure (arrays or ShapeDtypeStructs)."""
+        give the structure (arrays or ShapeDtypeStructs). A given grain `data_iterator` is set to its saved state."""
         items = {"state": ocp.args.StandardRestore(_abstract(state, state_sh)), "meta": ocp.args.JsonRestore()}
+        if data_iterator is not None:
+            if not (self.directory / str(step) / "data").is_dir():
+                raise ValueError(f"checkpoint {step} in {self.directory} holds no data iterator state (it was written "
+                                 "with data.source=synthetic?): resume with the data source it was trained on")
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restore_frozen = self.save_frozen and jax.tree.leaves(frozen)
         if restore_frozen:
             items["frozen"] = ocp.args.StandardRestore(_abstract(frozen, frozen_sh))

@@ -1,8 +1,9 @@
 """The training loop: config -> mesh -> sharded state -> compiled step -> metrics and checkpoints in RUN.
 
-A run pointed at a folder that holds checkpoints resumes from the latest one; because the data and every
-random draw are functions of (seed, step), the resumed run computes what the uninterrupted one would
-have, bit for bit. SIGTERM saves a checkpoint after the current step and stops.
+A run pointed at a folder that holds checkpoints resumes from the latest one; because every random draw is
+a function of (seed, step) and the data is either too (synthetic) or a grain pipeline whose per-process
+iterator state is saved in each checkpoint (arrayrecord, video), the resumed run computes what the
+uninterrupted one would have, bit for bit. SIGTERM saves a checkpoint after the current step and stops.
 
 The loop reads step N's metrics after launching step N+1, so the host never stalls the device.
 """
@@ -20,11 +21,13 @@ import numpy as np
 from tqdm import tqdm
 
 from insvie_jax import config as configlib
+from insvie_jax.data.pipeline import make_pipeline
 from insvie_jax.data.synthetic import SyntheticTriplets
 from insvie_jax.parallel import distributed
 from insvie_jax.parallel import mesh as meshlib
 from insvie_jax.train import metrics as metricslib
 from insvie_jax.train import step as steplib
+from insvie_jax.train import validate as validatelib
 from insvie_jax.train.checkpoint import Checkpointer
 
 STAGE = "main"  # multi-stage schedules (config `stages`) are not run yet: every step belongs to one stage
@@ -40,11 +43,52 @@ def latent_shape(cfg: configlib.Config) -> tuple[int, int, int, int]:
             d.width // v.spatial_compression, cfg.model.in_channels)
 
 
-def _data(cfg: configlib.Config):
-    if cfg.data.source != "synthetic":
-        raise configlib.ConfigError(f"data.source={cfg.data.source!r}: only 'synthetic' is available in this build")
-    return SyntheticTriplets(cfg.data.batch_size, latent_shape(cfg), cfg.model.text_length,
-                             cfg.model.text_embed_dim, seed=cfg.train.seed)
+class _SyntheticBatches:
+    """Synthetic data: the global batch of each step, a pure function of (train.seed, step); nothing to save."""
+
+    iterator = None
+
+    def __init__(self, cfg: configlib.Config, shardings):
+        self.data = SyntheticTriplets(cfg.data.batch_size, latent_shape(cfg), cfg.model.text_length,
+                                      cfg.model.text_embed_dim, seed=cfg.train.seed)
+        self.shardings = shardings
+
+    def batch(self, step: int) -> dict:
+        return steplib.put_batch(self.data.batch(step), self.shardings)
+
+    def host_batch(self, step: int) -> dict:
+        return self.data.batch(step)
+
+
+class _PipelineBatches:
+    """data.pipeline batches: this process's share of each global batch, in order; the grain iterator's state
+    goes into every checkpoint (one file per process), so `step` only names the batch for error messages."""
+
+    def __init__(self, cfg: configlib.Config, shardings):
+        self.iterator = make_pipeline(cfg, "train", jax.process_index(), jax.process_count())
+        self.shardings = shardings
+
+    def batch(self, step: int) -> dict:
+        try:
+            local = next(self.iterator)
+        except StopIteration:
+            raise TrainingStopped(f"the data pipeline ended before step {step}") from None
+        return {k: jax.make_array_from_process_local_data(self.shardings[k], np.asarray(local[k]))
+                for k in self.shardings}
+
+
+def _data(cfg: configlib.Config, shardings):
+    if cfg.data.source == "synthetic":
+        return _SyntheticBatches(cfg, shardings)
+    return _PipelineBatches(cfg, shardings)
+
+
+def _abstract_batch(cfg: configlib.Config, shardings) -> dict:
+    """Batch shapes for compiling when no batch is read (a resumed run that is already done)."""
+    b, (f, h, w, c) = cfg.data.batch_size, latent_shape(cfg)
+    shapes = {"source": (b, f, h, w, c), "target": (b, f, h, w, c),
+              "text": (b, cfg.model.text_length, cfg.model.text_embed_dim)}
+    return {k: jax.ShapeDtypeStruct(shapes[k], np.float32, sharding=shardings[k]) for k in shapes}
 
 
 class _StopSignal:
@@ -72,7 +116,6 @@ def run(cfg: configlib.Config) -> dict:
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         configlib.save(cfg, run_dir / "config.yaml")
-    data = _data(cfg)
     mesh = meshlib.create_mesh(cfg.mesh)
     groups = meshlib.data_parallel_size(mesh)
     if cfg.data.batch_size % groups:
@@ -81,10 +124,12 @@ def run(cfg: configlib.Config) -> dict:
 
     optimizer = steplib.make_optimizer(cfg)
     graphdef, state, frozen, state_sh, frozen_sh = steplib.init_state(cfg, mesh, optimizer)
+    batch_sh = steplib.batch_shardings(cfg, mesh)
+    data = _data(cfg, batch_sh)
     checkpoints = Checkpointer(run_dir, cfg)
     start = 0
     if (latest := checkpoints.latest_step()) is not None:
-        state, frozen, meta = checkpoints.restore(latest, state, state_sh, frozen, frozen_sh)
+        state, frozen, meta = checkpoints.restore(latest, state, state_sh, frozen, frozen_sh, data.iterator)
         start = int(meta["data_position"])
         if main:
             print(f"insvie-jax train: resuming {run_dir} from checkpoint {latest}", file=sys.stderr, flush=True)
@@ -93,15 +138,20 @@ def run(cfg: configlib.Config) -> dict:
                       "nothing to train (raise train.steps to go on, or pick a new train.run_dir)",
                       file=sys.stderr, flush=True)
 
-    batch_sh = steplib.batch_shardings(cfg, mesh)
     step_fn = steplib.make_train_step(cfg, graphdef, optimizer, mesh, state_sh, frozen_sh, groups)
+    first_batch = data.batch(start) if start < cfg.train.steps else None
     t0 = time.perf_counter()
-    compiled = step_fn.lower(state, frozen, steplib.put_batch(data.batch(start), batch_sh), np.int32(start)).compile()
+    compiled = step_fn.lower(state, frozen, first_batch or _abstract_batch(cfg, batch_sh), np.int32(start)).compile()
     compile_s = time.perf_counter() - t0
     flops = metricslib.step_flops(cfg, latent_shape(cfg)[:3], mesh.size)
     device = jax.local_devices()[0]
     peak = metricslib.peak_tflops(device)
     writer = metricslib.MetricsWriter(run_dir, enabled=main)
+    validator = None
+    if cfg.train.sample_every:
+        synthetic = data.host_batch(0) if cfg.data.source == "synthetic" else None
+        validator = validatelib.Validator(cfg, mesh, graphdef, validatelib.validation_clips(cfg, synthetic), run_dir,
+                                          writer, main)
     stop = _StopSignal()
     losses: list[float] = []
     t = cfg.train
@@ -112,7 +162,7 @@ def run(cfg: configlib.Config) -> dict:
 
     def save(done: int) -> None:
         try:
-            checkpoints.save(done, state, frozen, meta(done))
+            checkpoints.save(done, state, frozen, meta(done), data.iterator)
         except Exception as err:  # noqa: BLE001 - a failed save (disk full, I/O error) must not end the run
             writer.error(done, f"checkpoint save at step {done} failed ({type(err).__name__}: {err}); training "
                                f"goes on, earlier checkpoints in {checkpoints.directory} are untouched")
@@ -152,8 +202,10 @@ def run(cfg: configlib.Config) -> dict:
     start_time = time.perf_counter()
     try:
         for step in range(start, t.steps):
-            batch = steplib.put_batch(data.batch(step), batch_sh)
-            state, metrics = compiled(state, frozen, batch, np.int32(step))
+            batch = first_batch if step == start else data.batch(step)
+            # Another bucket's shapes (arrayrecord data.buckets) compile once more through the jitted step.
+            same_shapes = all(batch[k].shape == first_batch[k].shape for k in batch)
+            state, metrics = (compiled if same_shapes else step_fn)(state, frozen, batch, np.int32(step))
             if pending:
                 report(*pending)
             pending = (step, metrics)
@@ -163,6 +215,8 @@ def run(cfg: configlib.Config) -> dict:
                 interrupted = f"signal {stop.received} after step {step}"
             if done % cfg.checkpoint.every == 0 or done == t.steps or interrupted:
                 save(done)
+            if validator and validator.due(done):
+                validator(done, state["params"], frozen)
             if interrupted:
                 break
         if pending:

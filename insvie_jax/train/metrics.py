@@ -55,14 +55,20 @@ class MetricsWriter:
 
             self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
 
-    def write(self, record: dict) -> None:
+    def write(self, record: dict, prefix: str = "train") -> None:
+        """One metrics.jsonl line; its numbers also as TensorBoard scalars `<prefix>/<key>`."""
         if not self.enabled:
             return
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.tensorboard.add_scalar(f"train/{key}", value, record["step"])
+                self.tensorboard.add_scalar(f"{prefix}/{key}", value, record["step"])
+
+    def image(self, tag: str, image, step: int) -> None:
+        """A uint8 (H, W, 3) image in TensorBoard."""
+        if self.enabled:
+            self.tensorboard.add_image(tag, image, step, dataformats="HWC")
 
     def error(self, step: int, message: str) -> None:
         """A problem the run survives: on stderr and in metrics.jsonl as {"step", "error"}."""
