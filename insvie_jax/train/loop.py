@@ -216,7 +216,10 @@ def run(cfg: configlib.Config) -> dict:
             if done % cfg.checkpoint.every == 0 or done == t.steps or interrupted:
                 save(done)
             if validator and validator.due(done):
+                report(*pending)  # before sampling, so that no step_s counts the sampling time
+                pending = None
                 validator(done, state["params"], frozen)
+                last_report = time.perf_counter()
             if interrupted:
                 break
         if pending:
