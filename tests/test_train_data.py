@@ -7,6 +7,7 @@ frame strips."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -133,3 +134,21 @@ def test_validation_edits_metrics_videos_and_tensorboard(reference_dir, shards):
         assert np.std(np.stack(frames)) > 1  # decoded pictures, not a constant
     events = b"".join(p.read_bytes() for p in (reference_dir / "tensorboard").iterdir())
     assert b"val/clip_00" in events and b"val/clip_01" in events and b"val/edit_mse" in events
+
+
+def test_video_source_trains_and_resumes_from_its_checkpointed_iterator(tmp_path, env, shards):
+    """data.source=video (decode + VAE/T5 in the pipeline): a finished run whose last checkpoint is deleted
+    resumes from the one before and recomputes the same losses."""
+    run_dir = tmp_path / "video"
+    command = [sys.executable, "-m", "insvie_jax.cli", "train", "tiny", f"train.run_dir={run_dir}", *CLIP,
+               "data.source=video", f"data.paths=[{shards.parent / 'train.csv'}]", "data.batch_size=2",
+               "train.steps=6", "train.log_every=1", "checkpoint.every=3"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    first = {step: values[0] for step, values in _losses(run_dir).items()}
+    assert sorted(first) == list(range(6)) and np.isfinite(list(first.values())).all()
+    shutil.rmtree(run_dir / "checkpoints" / "6")
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0 and "resuming" in done.stderr, done.stderr
+    again = _losses(run_dir)
+    assert {step: again[step][1] for step in (3, 4, 5)} == {step: first[step] for step in (3, 4, 5)}

@@ -6,6 +6,7 @@ iterator state is saved in each checkpoint (arrayrecord, video), the resumed run
 uninterrupted one would have, bit for bit. SIGTERM saves a checkpoint after the current step and stops.
 
 The loop reads step N's metrics after launching step N+1, so the host never stalls the device.
+Every `train.sample_every` steps the model edits a few validation clips (train/validate.py).
 """
 
 from __future__ import annotations
@@ -216,7 +217,10 @@ def run(cfg: configlib.Config) -> dict:
             if done % cfg.checkpoint.every == 0 or done == t.steps or interrupted:
                 save(done)
             if validator and validator.due(done):
+                report(*pending)  # before sampling, so that no step_s counts the sampling time
+                pending = None
                 validator(done, state["params"], frozen)
+                last_report = time.perf_counter()
             if interrupted:
                 break
         if pending:
