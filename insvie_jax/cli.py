@@ -102,6 +102,8 @@ def cmd_edit(args) -> int:
             continue
         print(result.out_dir / "edit.mp4")
     return (2 if len(jobs) == 1 else 1) if failed else 0
+
+
 def cmd_encode(args) -> int:
     from insvie_jax.data.encode import encode_lists
 

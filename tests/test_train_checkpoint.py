@@ -2,7 +2,6 @@
 file-size limit is lowered while it runs, which fails writes with EFBIG even for root)."""
 
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -11,21 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import orbax.checkpoint as ocp
-import pytest
 
 # The same program in every run (steps, EMA), so that the compilation cache serves all but the first.
 ARGS = ["train.log_every=1", "train.steps=40", "train.ema_decay=0.5", "data.num_frames=5", "data.height=32", "data.width=48"]
 FILE_LIMIT = 30_000  # bytes: above metrics.jsonl of the run, below the checkpoint's array files
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    env = dict(os.environ)
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-               JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-               PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-    return env
 
 
 def _command(run_dir, *extra):

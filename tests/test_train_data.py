@@ -6,7 +6,6 @@ the eval split's first clips: edit_mse / source_mse in metrics.jsonl, decoded si
 frame strips."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -22,21 +21,10 @@ from _data_clips import write_insvie_csv, write_pair
 from insvie_jax import config as configlib
 from insvie_jax.data.pipeline import make_pipeline
 
-ROOT = Path(__file__).resolve().parent.parent
 STEPS = 30
 KILL_AFTER = 14  # steps done before the kill: a checkpoint at 10 exists, steps 10..14 run twice
 CLIP = ["data.num_frames=9", "data.height=32", "data.width=48"]
 VAL = [f"train.sample_every={STEPS}", "train.num_val_clips=2", "train.val_sample_steps=4"]
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    env = dict(os.environ)
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-               JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-               PYTHONPATH=str(ROOT))
-    return env
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 uninterrupted run, bit for bit (CPU), and SIGTERM saves a checkpoint before the run stops."""
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -10,22 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 STEPS = 60
 ARGS = ["train.log_every=1", f"train.steps={STEPS}", "checkpoint.every=4", "checkpoint.keep=2", "data.num_frames=5",
         "data.height=32", "data.width=48"]
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """One device per process; a shared compilation cache so that each restart does not recompile."""
-    env = dict(os.environ)
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-               JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-               PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-    return env
 
 
 def _command(run_dir):
