@@ -140,6 +140,44 @@ def cmd_filter(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from insvie_jax import bench
+
+    try:
+        return bench.run(args)
+    except ValueError as err:
+        raise configlib.ConfigError(str(err)) from None
+
+
+def _bench_parser(sub) -> None:
+    from insvie_jax.bench import WORKLOADS
+
+    bench = sub.add_parser("bench", help="time workloads against their PyTorch references (table + JSON)",
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog="workloads:\n" + "\n".join(f"  {k:20} {w.description}" for k, w in WORKLOADS.items()))
+    bench.add_argument("workloads", nargs="*", metavar="WORKLOAD", help="default: the full list for one GPU")
+    bench.add_argument("--preset", default="cogvideox-2b-edit", help="config preset or YAML (sizes, dtypes)")
+    bench.add_argument("--tiny", action="store_true", help="the tiny preset, 4 sampling steps: a CPU smoke run")
+    bench.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override (repeatable), e.g. "
+                       "mesh.ici_fsdp=2, data.batch_size=2")
+    bench.add_argument("--remat", nargs="+", choices=("none", "full", "dots", "dots_no_batch"),
+                       help="remat policies of transformer_fwdbwd / train_step (one row each)")
+    bench.add_argument("--lora", choices=("off", "on", "both"), help="LoRA for transformer_fwdbwd / train_step")
+    bench.add_argument("--tiled", choices=("off", "on", "both"), help="VAE tiling for vae_encode / vae_decode")
+    bench.add_argument("--repeats", type=int, help="timed calls per workload (median; default 5, tiny 2)")
+    bench.add_argument("--reference", choices=("auto", "none", "only"), default="auto",
+                       help="the PyTorch reference: when importable (auto), never, or only it")
+    bench.add_argument("--out", default="bench.json", help="JSON results (default bench.json; '' = none)")
+    bench.add_argument("--profile", metavar="DIR", help="trace a few timed calls per workload into DIR and "
+                       "report the time share per kernel category")
+    bench.add_argument("--profile-calls", type=int, default=3, help="calls traced with --profile")
+    bench.add_argument("--processes", type=int, default=1, help="JAX processes per workload, one per GPU, "
+                       "joined through jax.distributed (train_step; no reference then)")
+    bench.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS in the workload processes")
+    bench.add_argument("--scratch", help="folder for the weights handed to the reference (default: temp)")
+    bench.set_defaults(func=cmd_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="insvie-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -193,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     filt.add_argument("--kept", help="also write the kept triplets as a JSONL list (for encode)")
     filt.add_argument("--quiet", action="store_true", help="no progress bar")
     filt.set_defaults(func=cmd_filter)
+    _bench_parser(sub)
     return parser
 
 

@@ -1,0 +1,62 @@
+"""The full training step (`insvie_jax.train.step`: InsViE loss, gradients, clipping, AdamW, in one jit) on
+the mesh the config asks for (mesh.ici_data / ici_fsdp / ici_context ...), global batch data.batch_size.
+
+With several processes (`insvie-jax bench --processes N`, one per GPU) each joins through
+parallel.distributed and feeds its addressable shards of the same global batch.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from insvie_jax import config as configlib
+from insvie_jax.bench.timing import Prepared, latent_shape
+from insvie_jax.bench.transformer import transformer_inputs
+from insvie_jax.models import transformer
+from insvie_jax.parallel import distributed
+from insvie_jax.parallel import mesh as meshlib
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
+    """A pure nested parameter dict -> our flat names ("a.b.kernel"), on the host."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        out.update(_flat(value, name + ".") if isinstance(value, dict) else {name: np.asarray(value)})
+    return out
+
+
+def train_step(cfg, options: dict) -> Prepared:
+    from insvie_jax.train import step as steplib
+
+    distributed.initialize()
+    mesh = meshlib.create_mesh(cfg.mesh)
+    groups = meshlib.data_parallel_size(mesh)
+    batch_size = cfg.data.batch_size
+    if batch_size % groups:
+        raise configlib.ConfigError(f"data.batch_size={batch_size} must be a multiple of the data-parallel size "
+                                    f"{groups} (mesh {dict(mesh.shape)}): pass --set data.batch_size=...")
+    optimizer = steplib.make_optimizer(cfg)
+    graphdef, state, frozen, state_sh, frozen_sh = steplib.init_state(cfg, mesh, optimizer)
+    inputs = transformer_inputs(cfg, transformer.abstract(cfg.model), batch=batch_size)
+    batch = steplib.put_batch({k: inputs[k] for k in ("source", "target", "text")},
+                              steplib.batch_shardings(cfg, mesh))
+    step_fn = steplib.make_train_step(cfg, graphdef, optimizer, mesh, state_sh, frozen_sh, groups)
+    current = {"state": state, "index": 0}
+
+    def step():
+        current["state"], metrics = step_fn(current["state"], frozen, batch, np.int32(current["index"]))
+        current["index"] += 1
+        return metrics
+
+    def weights():
+        return {**_flat(jax.device_get(frozen)), **_flat(jax.device_get(current["state"]["params"]))}
+
+    f, h, w, _ = latent_shape(cfg)
+    flops = 3 * transformer.forward_flops(cfg.model, f, h, w) * batch_size
+    return Prepared(step=step, flops=flops, samples=batch_size,
+                    weights=None if cfg.lora.enabled or jax.process_count() > 1 else weights,
+                    inputs=inputs, dtype=cfg.model.dtype,
+                    info={"mesh": dict(mesh.shape), "devices": mesh.size, "processes": jax.process_count(),
+                          "batch": batch_size, "remat": cfg.model.remat_policy, "lora": cfg.lora.enabled})
