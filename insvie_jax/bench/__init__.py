@@ -50,7 +50,10 @@ WORKLOADS = {
                    description="T5 encoder, one prompt of text_encoder.max_length tokens"),
     "attention": Workload("insvie_jax.bench.transformer:attention", "attention", needs=("torch",),
                           description="attention fwd+bwd at the model's sequence length (vs torch SDPA)"),
-    "pipeline": Workload("insvie_jax.bench.data:pipeline", None, description="ArrayRecord input pipeline"),
+    "pipeline": Workload("insvie_jax.bench.data:pipeline", None,
+                         description="input pipeline: pre-encoded ArrayRecord batches (grain)"),
+    "pipeline_video": Workload("insvie_jax.bench.data:pipeline_video", None,
+                               description="input pipeline: raw mp4 triplet decode + sample + crop, per clip"),
 }
 REMAT_WORKLOADS = ("transformer_fwdbwd", "train_step")
 VAE_WORKLOADS = ("vae_encode", "vae_decode")
@@ -70,6 +73,7 @@ DEFAULT_ROWS = (
     ("attention", ()),
     ("t5", ()),
     ("pipeline", ()),
+    ("pipeline_video", ()),
 )
 TINY_OVERRIDES = ("sample.steps=4", "data.batch_size=1")
 
@@ -190,7 +194,7 @@ def format_table(rows: list[dict]) -> str:
                 lines.append(f"    {side} failed: {last[:200]}")
             elif "skipped" in result:
                 lines.append(f"    {side}: {result['skipped']}")
-        if "samples_per_s" in o and r["workload"] in ("train_step", "pipeline"):
+        if "samples_per_s" in o and r["workload"] in ("train_step", "pipeline", "pipeline_video"):
             lines.append(f"    {o['samples_per_s']:.3f} samples/s")
         if "profile" in o:
             shares = ", ".join(f"{k} {v:.1%}" for k, v in o["profile"]["shares"].items())
