@@ -11,7 +11,7 @@ A sweep file (YAML):
     runs:                               # ... and/or a list; with both, every run is crossed with every grid point
       - {lora.enabled: true, lora.rank: 16}
 
-Layout of DIR/<name>/: one folder per run, named from its overrides (`patch_embed=fix_proj,frame_loss_weight=1.0`),
+Layout of DIR/<name>/: one folder per run, named from its overrides (`patch_embed-fix_proj,frame_loss_weight-1.0`),
 holding run.json (its overrides), config.yaml (the resolved config; `train.run_dir` is the folder itself) and
 what `insvie-jax train` writes there; results.md, results.csv and loss_curves.png (`report`); commands-<kind>.sh
 (`emit`). A run is finished when its checkpoint at `train.steps` exists; finished runs are skipped.
@@ -76,14 +76,15 @@ def _name_value(value) -> str:
 
 
 def run_names(points: list[dict]) -> list[str]:
-    """Short, filesystem-safe names that depend on the overrides alone: `key=value,...` with the last part of
-    each key (the full key where two keys share it); too long or clashing names end in a hash of the overrides."""
+    """Short, filesystem-safe names that depend on the overrides alone: `key-value,...` with the last part of
+    each key (the full key where two keys share it); too long or clashing names end in a hash of the overrides.
+    No '=': `insvie-jax train` reads an argument holding one as an override, not as a config path."""
     keys = list(dict.fromkeys(k for point in points for k in point))
     tails = [k.rsplit(".", 1)[-1] for k in keys]
     short = {k: (t if tails.count(t) == 1 else k) for k, t in zip(keys, tails)}
     names = []
     for point in points:
-        name = ",".join(f"{short[k]}={_name_value(v)}" for k, v in point.items()) or "baseline"
+        name = ",".join(f"{short[k]}-{_name_value(v)}" for k, v in point.items()) or "baseline"
         digest = hashlib.sha1(json.dumps(point, sort_keys=True).encode()).hexdigest()[:8]
         if len(name) > MAX_NAME:
             name = f"{name[:MAX_NAME - 9]}-{digest}"
