@@ -301,10 +301,11 @@ def collect(folder: str | Path) -> tuple[list[str], list[dict], dict]:
     return columns, rows, curves
 
 
-def _cell(value) -> str:
+def _cell(value, measured: bool) -> str:
+    """Overrides as written in the sweep (5.0 stays 5.0), measured numbers to 6 significant digits."""
     if value is None:
         return ""
-    if isinstance(value, float):
+    if measured and isinstance(value, float):
         return f"{value:.6g}"
     return value if isinstance(value, str) else json.dumps(value)
 
@@ -332,14 +333,16 @@ def report(folder: str | Path) -> list[dict]:
     """Writes FOLDER/results.csv, results.md and loss_curves.png from the run folders; returns the rows."""
     folder = Path(folder)
     columns, rows, curves = collect(folder)
-    cells = [[_cell(row[c]) for c in columns] for row in rows]
+    overrides = set(columns[1:columns.index("status")])
+    cells = [[_cell(row[c], c not in overrides) for c in columns] for row in rows]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(columns)
     writer.writerows(cells)
     (folder / "results.csv").write_text(buffer.getvalue())
     markdown = [f"# Sweep {folder.name}", "", "| " + " | ".join(columns) + " |",
-                "|" + "|".join("---" for _ in columns) + "|", *("| " + " | ".join(r) + " |" for r in cells),
+                "|" + "|".join("---" for _ in columns) + "|",
+                *("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in cells),
                 "", f"final_loss: mean of the last {FINAL_LOSS_WINDOW} logged losses; edit_mse / source_mse: the last "
                 "validation edit; step_s: median seconds per logged step.", ""]
     (folder / "results.md").write_text("\n".join(markdown))

@@ -53,6 +53,8 @@ def test_tiny_sweep_runs_reports_resumes_and_emits(tmp_path, env):
         rows = list(csv.DictReader(f))
     assert [r["run"] for r in rows] == names
     assert list(rows[0])[:3] == ["run", "train.frame_loss_weight", "sample.text_scale"]
+    assert [(r["train.frame_loss_weight"], r["sample.text_scale"]) for r in rows] == [
+        ("0.5", "5.0"), ("0.5", "7.5"), ("1.0", "5.0"), ("1.0", "7.5")]
     assert all(r["status"] == "done" and r["steps"] == str(STEPS) for r in rows)
     for row in rows:  # the table's numbers are the run's own metrics.jsonl
         losses = [json.loads(line)["loss"] for line in (folder / row["run"] / "metrics.jsonl").read_text().splitlines()]
