@@ -19,6 +19,7 @@ what `insvie-jax train` writes there; results.md, results.csv and loss_curves.pn
 
 from __future__ import annotations
 
+import collections
 import csv
 import hashlib
 import io
@@ -89,9 +90,7 @@ def run_names(points: list[dict]) -> list[str]:
         if len(name) > MAX_NAME:
             name = f"{name[:MAX_NAME - 9]}-{digest}"
         names.append((name, digest))
-    counts = {}
-    for name, _ in names:
-        counts[name] = counts.get(name, 0) + 1
+    counts = collections.Counter(name for name, _ in names)
     return [name if counts[name] == 1 else f"{name}-{digest}" for name, digest in names]
 
 
@@ -118,6 +117,12 @@ def _points(spec: dict, where: str) -> list[dict]:
         if clash:
             raise configlib.ConfigError(f"{where}: {sorted(clash)} appear in both 'runs' and 'grid'")
         points += [{**entry, **point} for point in grid_points]
+    seen = {}
+    for number, point in enumerate(points, 1):
+        key = json.dumps(point, sort_keys=True)
+        if key in seen:
+            raise configlib.ConfigError(f"{where}: runs {seen[key]} and {number} have the same overrides {point}")
+        seen[key] = number
     return points
 
 
