@@ -178,6 +178,17 @@ def _bench_parser(sub) -> None:
     bench.set_defaults(func=cmd_bench)
 
 
+def cmd_sweep(args) -> int:
+    from insvie_jax import sweep
+
+    if args.file == "report" and args.target:
+        sweep.report(args.target)
+        print(f"{args.target}/results.md")
+        return 0
+    overrides = [args.target, *args.overrides] if args.target else list(args.overrides)
+    return sweep.main(args.file, args.dir, overrides, args.emit, args.processes)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="insvie-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -232,6 +243,18 @@ def build_parser() -> argparse.ArgumentParser:
     filt.add_argument("--quiet", action="store_true", help="no progress bar")
     filt.set_defaults(func=cmd_filter)
     _bench_parser(sub)
+    sweep = sub.add_parser("sweep", help="train a grid or list of config variants, tabulate and plot their metrics",
+                           usage="insvie-jax sweep FILE [KEY=VALUE ...] [--dir D] [--emit local|slurm|tpu]\n"
+                                 "       insvie-jax sweep report SWEEP_FOLDER")
+    sweep.add_argument("file", help="sweep YAML (base, overrides, grid and/or runs), or `report`")
+    sweep.add_argument("target", nargs="?", help="after `report`: the sweep's folder (DIR/<name>); otherwise an "
+                       "override for every run")
+    sweep.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides for every run")
+    sweep.add_argument("--dir", default="sweeps", help="where the sweep's folder goes (default: sweeps)")
+    sweep.add_argument("--emit", choices=("local", "slurm", "tpu"), help="write one launch command per unfinished "
+                       "run (DIR/<name>/commands-<kind>.sh) instead of training here")
+    sweep.add_argument("--processes", type=int, default=1, help="processes per run for --emit local (default: 1)")
+    sweep.set_defaults(func=cmd_sweep)
     return parser
 
 

@@ -2,7 +2,9 @@
 
 Explicit: INSVIE_COORDINATOR (host:port of process 0), INSVIE_PROCESS_ID, INSVIE_NUM_PROCESSES (what
 launch/local.sh sets). Otherwise jax's own cluster detection (SLURM, TPU pods, ...) decides; a lone process
-with none of these stays single-process.
+with none of these stays single-process. INSVIE_LOCAL_DEVICE_IDS (comma-separated) names the local devices this
+process drives; JAX's SLURM detection otherwise gives each process the one device numbered SLURM_LOCALID, which
+is right for one process per GPU but not for one process per node (launch/slurm.sbatch sets it there).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import jax
 ENV_COORDINATOR = "INSVIE_COORDINATOR"
 ENV_PROCESS_ID = "INSVIE_PROCESS_ID"
 ENV_NUM_PROCESSES = "INSVIE_NUM_PROCESSES"
+ENV_LOCAL_DEVICE_IDS = "INSVIE_LOCAL_DEVICE_IDS"
 
 
 def _cluster_detected() -> bool:
@@ -27,6 +30,8 @@ def initialize() -> None:
     """Calls jax.distributed.initialize once, from the INSVIE_* variables or a detected cluster."""
     if jax.distributed.is_initialized():
         return
+    local_ids = os.environ.get(ENV_LOCAL_DEVICE_IDS)
+    local_device_ids = [int(i) for i in local_ids.split(",")] if local_ids else None
     explicit = [os.environ.get(k) for k in (ENV_COORDINATOR, ENV_PROCESS_ID, ENV_NUM_PROCESSES)]
     if any(explicit):
         if not all(explicit):
@@ -35,9 +40,9 @@ def initialize() -> None:
         if jax.config.jax_platforms == "cpu" or os.environ.get("JAX_PLATFORMS") == "cpu":
             jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
         jax.distributed.initialize(coordinator_address=explicit[0], process_id=int(explicit[1]),
-                                   num_processes=int(explicit[2]))
+                                   num_processes=int(explicit[2]), local_device_ids=local_device_ids)
     elif _cluster_detected():
-        jax.distributed.initialize()
+        jax.distributed.initialize(local_device_ids=local_device_ids)
 
 
 def is_main_process() -> bool:
