@@ -213,6 +213,8 @@ def run(args) -> int:
         jax_env["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), args.xla_flags]))
     ref_env = {"JAX_PLATFORMS": "cpu"}  # the reference process imports our numpy key maps; JAX stays off the GPU
     results = []
+    if args.scratch:
+        Path(args.scratch).mkdir(parents=True, exist_ok=True)
     scratch_root = Path(tempfile.mkdtemp(prefix="insvie_bench_", dir=args.scratch))
     try:
         for i, row in enumerate(rows):
