@@ -101,10 +101,11 @@ def test_forward_matches_diffusers(cfg, size, scan):
     assert rel(got, want) <= FORWARD_TOL, rel(got, want)
 
 
-@pytest.mark.parametrize("cfg", [SINCOS, ROPE], ids=["sincos", "rope"])
-def test_input_gradients_match_diffusers(cfg):
+@pytest.mark.parametrize("cfg,remat_policy", [(SINCOS, "full"), (ROPE, "attention")],
+                         ids=["sincos-full", "rope-attention"])
+def test_input_gradients_match_diffusers(cfg, remat_policy):
     ref = reference(cfg, seed=3)
-    model = ours_from(ref, cfg, remat_policy="full")
+    model = ours_from(ref, cfg, remat_policy=remat_policy)
     noisy, source, text, t = inputs(cfg, 3, 10, 14, seed=4)
     weights = np.random.default_rng(5).standard_normal(noisy.shape).astype(np.float32)
 

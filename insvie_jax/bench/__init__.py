@@ -38,8 +38,10 @@ class Workload:
 WORKLOADS = {
     "transformer_fwd": Workload("insvie_jax.bench.transformer:forward", "transformer_forward",
                                 description="edit transformer forward, batch 1, weights in the compute dtype"),
+    # bf16 weights as the reference's eager bf16 model; train_step is the fp32-master-weight recipe.
     "transformer_fwdbwd": Workload("insvie_jax.bench.transformer:forward_backward", "transformer_forward_backward",
-                                   description="loss + gradients (fp32 master weights), batch 1; --remat, --lora"),
+                                   overrides=("model.param_dtype=bfloat16",),
+                                   description="loss + gradients (bf16 weights), batch 1; --remat, --lora"),
     "train_step": Workload("insvie_jax.bench.train:train_step", "train_step",
                            description="full jitted train step incl. AdamW, mesh from the config; --remat, --lora"),
     "vae_encode": Workload("insvie_jax.bench.vae:encode", "vae_encode", description="VAE encode; --tiled"),
@@ -62,9 +64,9 @@ VAE_WORKLOADS = ("vae_encode", "vae_decode")
 DEFAULT_ROWS = (
     ("transformer_fwd", ()),
     ("transformer_fwdbwd", ("model.remat_policy=full",)),
-    ("transformer_fwdbwd", ("model.remat_policy=dots_no_batch",)),
-    ("train_step", ("model.remat_policy=full", "lora.enabled=true")),
-    ("train_step", ("model.remat_policy=full", "lora.enabled=false")),
+    ("transformer_fwdbwd", ("model.remat_policy=attention",)),
+    ("train_step", ("model.remat_policy=attention", "lora.enabled=true")),
+    ("train_step", ("model.remat_policy=attention", "lora.enabled=false")),
     ("vae_encode", ()),
     ("vae_decode", ()),
     ("vae_encode", ("vae.tiling=true",)),
@@ -202,6 +204,13 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _write_json(path: Path, report: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(report, indent=2))
+    partial.replace(path)
+
+
 def run(args) -> int:
     """`insvie-jax bench` (arguments: see cli.py)."""
     rows = plan_rows(args)
@@ -213,6 +222,10 @@ def run(args) -> int:
         jax_env["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), args.xla_flags]))
     ref_env = {"JAX_PLATFORMS": "cpu"}  # the reference process imports our numpy key maps; JAX stays off the GPU
     results = []
+    report = {"meta": {"config": config, "overrides": base_overrides, "repeats": repeats,
+                       "reference": args.reference, "processes": args.processes, "xla_flags": args.xla_flags,
+                       "argv": sys.argv[1:], "time": time.strftime("%Y-%m-%dT%H:%M:%S")},
+              "rows": results}
     if args.scratch:
         Path(args.scratch).mkdir(parents=True, exist_ok=True)
     scratch_root = Path(tempfile.mkdtemp(prefix="insvie_bench_", dir=args.scratch))
@@ -244,15 +257,12 @@ def run(args) -> int:
                 ref["wall_s"] = time.perf_counter() - started
             results.append(_combine(row, ours if args.reference != "only" else None, ref))
             shutil.rmtree(scratch, ignore_errors=True)
+            # Written after every row: a run cut short (time limit, lost machine) keeps what it measured.
+            print("\n".join(format_table(results[-1:]).splitlines()[2:]), file=sys.stderr, flush=True)
+            if args.out:
+                _write_json(Path(args.out), report)
     finally:
         shutil.rmtree(scratch_root, ignore_errors=True)
-    report = {"meta": {"config": config, "overrides": base_overrides, "repeats": repeats,
-                       "reference": args.reference, "processes": args.processes, "xla_flags": args.xla_flags,
-                       "argv": sys.argv[1:], "time": time.strftime("%Y-%m-%dT%H:%M:%S")},
-              "rows": results}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2))
     print(format_table(results))
     if args.out:
         print(f"wrote {args.out}")

@@ -70,7 +70,7 @@ def forward(cfg, options: dict) -> Prepared:
 
 def forward_backward(cfg, options: dict) -> Prepared:
     """Loss and gradients of the trained parameters (all, or LoRA adapters + `lora.also_train`), the
-    parameters in model.param_dtype (fp32 master weights by default, as trained), batch 1."""
+    parameters in model.param_dtype (bf16 in this workload, as the reference), batch 1."""
     from insvie_jax.train import step as steplib
 
     model = steplib.build_model(cfg, load=False)
