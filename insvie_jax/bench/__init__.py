@@ -251,7 +251,8 @@ def run(args) -> int:
             ours["wall_s"] = time.perf_counter() - started
             ref = None
             if with_ref and "error" not in ours:
-                print(f"[{i + 1}/{len(rows)}] {row.label}: reference ...", file=sys.stderr, flush=True)
+                print(f"[{i + 1}/{len(rows)}] {row.label}: reference ... (ours: {_fmt(ours.get('median_s'), '.4f')} s, "
+                      f"{_fmt(ours.get('peak_gib'), '.2f')} GiB)", file=sys.stderr, flush=True)
                 started = time.perf_counter()
                 ref = _run_worker({**spec, "side": "reference"}, ref_env)[0]
                 ref["wall_s"] = time.perf_counter() - started
