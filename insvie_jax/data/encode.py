@@ -10,8 +10,9 @@ Several processes (hosts) run the same command: unit i belongs to process i % pr
 its units' shards and done files into the one shared output folder, and after a barrier process 0 merges
 the done files (shards, counts, bad samples) into the manifest. Within a process, clips of one shape are
 encoded `data.encode_batch_size` triplets at a time in one jitted VAE + T5 step, data-parallel over the
-local devices. Records are written in list order and every triplet is computed alone on a device, so the
-output does not depend on the number of devices or processes.
+local devices. Records are written in list order and, with the default batch (one triplet per device),
+every triplet is computed alone on a device in a program of the same shapes, so the output does not depend
+on the number of devices or processes.
 """
 
 from __future__ import annotations
