@@ -182,6 +182,7 @@ class DataConfig:
     prefetch: int = 2  # batches buffered per worker (or by a thread when num_workers = 0)
     read_threads: int = 2  # threads reading and decoding records, per stream (folder x bucket) and process
     shard_size: int = 256  # input triplets per `encode` work unit (one ArrayRecord file per bucket each)
+    encode_batch_size: int = 0  # triplets per `encode` step of a process, split over its devices; 0 = one per device
     report_dir: str = ""  # where the pipeline appends bad records (JSONL); empty = log only
     # `insvie-jax filter` thresholds; a triplet failing any is rejected with the failing score named.
     filter_frames: int = 17  # frames scored per clip
@@ -498,9 +499,10 @@ def _validate_data(d: DataConfig, step: int) -> None:
     if d.source != "synthetic" and not d.paths:
         raise ConfigError(f"data.source={d.source!r} needs data.paths (shard folders for 'arrayrecord', triplet "
                           "lists for 'video')")
-    if d.fps <= 0 or d.skip_frames < 0 or d.num_workers < 0 or min(d.prefetch, d.shard_size, d.read_threads) < 1:
-        raise ConfigError("data.fps must be > 0, data.skip_frames and data.num_workers >= 0, data.prefetch, "
-                          "data.shard_size and data.read_threads >= 1")
+    if (d.fps <= 0 or min(d.skip_frames, d.num_workers, d.encode_batch_size) < 0
+            or min(d.prefetch, d.shard_size, d.read_threads) < 1):
+        raise ConfigError("data.fps must be > 0, data.skip_frames, data.num_workers and data.encode_batch_size >= 0, "
+                          "data.prefetch, data.shard_size and data.read_threads >= 1")
 
 
 def validate(config: Config) -> None:

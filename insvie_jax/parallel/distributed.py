@@ -48,3 +48,19 @@ def initialize() -> None:
 def is_main_process() -> bool:
     """Process 0 writes logs and run files (orbax coordinates checkpoint writes itself)."""
     return jax.process_index() == 0
+
+
+def barrier(name: str, timeout_s: float = 7 * 24 * 3600) -> None:
+    """Waits until every process reached the barrier `name` (a no-op for one process).
+
+    Through jax's coordination service rather than a device collective (multihost_utils.sync_global_devices):
+    it needs no compiled program or device memory, and a process may wait there for hours (others still
+    working) without gloo/NCCL collective timeouts. The long default timeout does not hang a broken job: the
+    service stops every process when one dies (heartbeats) or exits on an error (its shutdown barrier fails
+    after jax's 5 minutes; measured on CPU).
+    """
+    if jax.process_count() == 1:
+        return
+    from jax._src.distributed import global_state
+
+    global_state.client.wait_at_barrier(name, int(timeout_s * 1000))
