@@ -17,6 +17,8 @@ The skip counters (steps skipped for non-finite values) carry over in both cases
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -65,5 +67,8 @@ def carry_over(before: Stage, graphdef, state, frozen, stage: Stage, mesh, optim
             new["ema"] = state["ema"] if same and "ema" in state else jax.tree.map(jnp.copy, params)
         return new, frozen
 
-    new_state, new_frozen = jax.jit(start, out_shardings=(state_sh, frozen_sh), donate_argnums=(0, 1))(state, frozen)
+    with warnings.catch_warnings():  # what the new stage no longer holds (merged adapters) cannot be reused
+        warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+        new_state, new_frozen = jax.jit(start, out_shardings=(state_sh, frozen_sh), donate_argnums=(0, 1))(state,
+                                                                                                          frozen)
     return new_graphdef, new_state, new_frozen, state_sh, frozen_sh
