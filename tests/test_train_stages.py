@@ -215,3 +215,12 @@ def test_bad_stage_entry_in_yaml(tmp_path):
     path.write_text(f"base: {configlib.CONFIG_DIR / 'tiny.yaml'}\nstages:\n  - name: a\n    step: 3\n")
     with pytest.raises(configlib.ConfigError, match=r"stages\[0\]: unknown stage key 'step'; did you mean 'steps'"):
         configlib.load(path)
+
+
+@pytest.mark.parametrize("name", ["insvie-2b-curriculum", "insvie-5b-curriculum"])
+def test_shipped_insvie_curricula_resolve(name):
+    stages = configlib.resolve_stages(configlib.load(name))
+    assert [(s.name, s.config.data.num_frames) for s in stages] == [("images", 1), ("videos", 49), ("hq", 49)]
+    assert [s.start for s in stages] == [0, stages[0].steps, stages[0].steps + stages[1].steps]
+    assert all(s.config.lora.enabled and s.config.lora.rank == 128 for s in stages)
+    assert stages[1].config.data.weights == [0.9, 0.1] and len(stages[1].config.data.paths) == 2
