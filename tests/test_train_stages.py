@@ -23,15 +23,15 @@ from flax import nnx
 
 from insvie_jax import config as configlib
 from insvie_jax.data import records
+from insvie_jax.models import lora as loralib
 from insvie_jax.parallel import mesh as meshlib
-from insvie_jax.train import loop
 from insvie_jax.train import stages as stageslib
 from insvie_jax.train import step as steplib
 
 CONFIG = "tiny-curriculum"
 STAGES = {"images": range(0, 12), "videos": range(12, 24), "hq": range(24, 36)}
 NUM_FRAMES = {"images": 1, "videos": 5, "hq": 9}
-FORWARD_TOL = 1e-5  # relative error of the LoRA model vs the merged one (float32, different summation order)
+MERGE_TOL = 1e-6  # max |difference| of merged weights, carry-over (jit) vs merge_lora (eager), float32
 
 
 @pytest.fixture(scope="module")
@@ -150,13 +150,8 @@ def _perturbed(tree, seed):
                                         for x, k in zip(leaves, keys)])
 
 
-def _forward(graphdef, state, frozen, cfg):
-    model = nnx.merge(graphdef, state["params"], frozen)
-    f, h, w, c = loop.latent_shape(cfg)
-    k = jax.random.split(jax.random.key(7), 3)
-    x, source = jax.random.normal(k[0], (2, f, h, w, c)), jax.random.normal(k[1], (2, f, h, w, c))
-    text = jax.random.normal(k[2], (2, cfg.model.text_length, cfg.model.text_embed_dim))
-    return np.asarray(model(x, source, text, jax.numpy.array([10.0, 700.0])), np.float64)
+def _nodes(tree, cls):
+    return [node for node in jax.tree.leaves(tree, is_leaf=lambda n: isinstance(n, cls)) if isinstance(node, cls)]
 
 
 def test_stage_carry_over_keeps_optimizer_or_merges_lora():
@@ -169,28 +164,27 @@ def test_stage_carry_over_keeps_optimizer_or_merges_lora():
     graphdef, state, frozen, _, _ = steplib.init_state(images.config, mesh, opt_images)
     state = {**state, "params": _perturbed(state["params"], 0), "opt_state": _perturbed(state["opt_state"], 1)}
     state["opt_state"] = jax.tree.map(lambda x: x + 5 if x.dtype == np.int32 else x, state["opt_state"])  # counts
-    before = jax.tree.map(np.asarray, state)
+    before = {**jax.tree.map(np.asarray, state), "frozen": jax.tree.map(np.asarray, frozen)}
     opt_videos = steplib.make_optimizer(videos.config)
     graphdef, state, frozen, _, _ = stageslib.carry_over(images, graphdef, state, frozen, videos, mesh, opt_videos)
     assert jax.tree.all(jax.tree.map(np.array_equal, before["params"], jax.tree.map(np.asarray, state["params"])))
-    adam = [s for s in jax.tree.leaves(state["opt_state"], is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
-            if isinstance(s, optax.ScaleByAdamState)]
-    adam_before = [s for s in jax.tree.leaves(before["opt_state"],
-                                              is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
-                   if isinstance(s, optax.ScaleByAdamState)]
-    assert jax.tree.all(jax.tree.map(np.array_equal, adam_before, jax.tree.map(np.asarray, adam)))
-    schedule = [s for s in jax.tree.leaves(state["opt_state"], is_leaf=lambda s: isinstance(s, optax.ScaleByScheduleState))
-                if isinstance(s, optax.ScaleByScheduleState)]
+    adam_before, adam = _nodes(before["opt_state"], optax.ScaleByAdamState), _nodes(state["opt_state"],
+                                                                                    optax.ScaleByAdamState)
+    assert adam and jax.tree.all(jax.tree.map(np.array_equal, adam_before, jax.tree.map(np.asarray, adam)))
+    schedule = _nodes(state["opt_state"], optax.ScaleByScheduleState)
     assert schedule and all(int(s.count) == 0 for s in schedule)
 
-    # videos -> hq: LoRA -> full fine-tune; the adapters are merged, so the model computes the same function.
-    lora_out = _forward(graphdef, state, frozen, videos.config)
+    # videos -> hq: LoRA -> full fine-tune; every weight of hq starts as merge_lora made it of videos' model.
+    videos_model = nnx.merge(graphdef, *jax.tree.map(jax.numpy.copy, (state["params"], frozen)))  # not donated
+    merged = nnx.state(loralib.merge_lora(videos_model), nnx.Param).to_pure_dict()
     opt_hq = steplib.make_optimizer(hq.config)
     graphdef, state, frozen, _, _ = stageslib.carry_over(videos, graphdef, state, frozen, hq, mesh, opt_hq)
     assert not jax.tree.leaves(frozen) and "qkv_lora" not in state["params"]["blocks"]["attn"]
-    merged_out = _forward(graphdef, state, frozen, videos.config)
-    error = np.linalg.norm(merged_out - lora_out) / np.linalg.norm(lora_out)
-    assert error < FORWARD_TOL, error
+    assert jax.tree.structure(merged) == jax.tree.structure(state["params"])
+    errors = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), state["params"], merged)
+    assert max(jax.tree.leaves(errors)) < MERGE_TOL, errors
+    qkv = state["params"]["blocks"]["attn"]["qkv"]["kernel"]
+    assert np.abs(np.asarray(qkv) - before["frozen"]["blocks"]["attn"]["qkv"]["kernel"]).max() > 1e-3  # merged in
     assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(state["opt_state"]))  # fresh optimizer state
     assert jax.tree.all(jax.tree.map(np.array_equal, state["ema"], state["params"]))  # the EMA starts at the weights
 

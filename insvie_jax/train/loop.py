@@ -308,7 +308,7 @@ def run(cfg: configlib.Config) -> dict:
               file=sys.stderr, flush=True)
     losses = job.losses
     window = max(1, min(25, len(losses) // 4))
-    return {
+    summary = {
         "steps": len(losses),
         "start_step": latest or 0,
         "first_loss": float(np.mean(losses[:window])) if losses else None,
@@ -318,5 +318,7 @@ def run(cfg: configlib.Config) -> dict:
         "total_s": time.perf_counter() - start_time,
         "interrupted": job.interrupted,
         "run_dir": str(run_dir),
-        "stages": job.stage_summaries,
     }
+    if cfg.stages:
+        summary["stages"] = job.stage_summaries
+    return summary
