@@ -192,7 +192,10 @@ def cmd_sweep(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="insvie-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    train = sub.add_parser("train", help="train an edit model (default: the tiny config on synthetic data)")
+    train = sub.add_parser("train", help="train an edit model (default: the tiny config on synthetic data)",
+                           description="Trains the config's stages one after another (none: one stage of "
+                                       "train.steps), resuming train.run_dir if it holds checkpoints. Change a "
+                                       "stage with stages.<name>.steps=N or stages.<name>.<section>.<key>=VALUE.")
     _config_args(train)
     train.set_defaults(func=cmd_train)
     show = sub.add_parser("config", help="print the resolved config")

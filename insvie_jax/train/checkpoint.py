@@ -71,11 +71,16 @@ class Checkpointer:
                 raise ValueError(f"checkpoint {step} in {self.directory} holds no data iterator state (it was written "
                                  "with data.source=synthetic?): resume with the data source it was trained on")
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        restore_frozen = self.save_frozen and jax.tree.leaves(frozen)
+        # A curriculum saves the frozen weights from the stage on where they stop being train.init_from's.
+        restore_frozen = (self.directory / str(step) / "frozen").is_dir() and jax.tree.leaves(frozen)
         if restore_frozen:
             items["frozen"] = ocp.args.StandardRestore(_abstract(frozen, frozen_sh))
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
         return out["state"], out["frozen"] if restore_frozen else frozen, out["meta"]
+
+    def meta(self, step: int) -> dict:
+        """Checkpoint `step`'s meta alone: step, seed, data position, stage, config."""
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def wait(self) -> None:
         """Blocks until pending writes end; raises if one failed."""
@@ -99,7 +104,12 @@ def export_model(run_dir: str | Path, dst: str | Path, use_ema: bool = False, st
     from insvie_jax.parallel.mesh import create_mesh
     from insvie_jax.train import step as steplib
 
-    cfg = configlib.load(Path(run_dir) / "config.yaml")
+    checkpoints = Checkpointer(run_dir, configlib.load(Path(run_dir) / "config.yaml"))
+    step = checkpoints.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {checkpoints.directory}")
+    # The checkpoint's own config: in a curriculum, what trains (LoRA or not) is the stage's.
+    cfg = configlib.from_dict(checkpoints.meta(step)["config"])
     cfg.mesh = dataclasses.replace(cfg.mesh, ici_data=1, ici_fsdp=1, ici_tensor=1, ici_context=1)
     if use_ema and cfg.train.ema_decay <= 0:
         raise ValueError(f"{run_dir} was trained without EMA (train.ema_decay=0): export without use_ema")
@@ -107,11 +117,7 @@ def export_model(run_dir: str | Path, dst: str | Path, use_ema: bool = False, st
     mesh = create_mesh(cfg.mesh)
     graphdef, state_sh, frozen_sh = steplib.state_shardings(cfg, mesh, optimizer)
     state, frozen = steplib.abstract_state(cfg, optimizer)
-    checkpoints = Checkpointer(run_dir, cfg)
-    step = checkpoints.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {checkpoints.directory}")
-    if not checkpoints.save_frozen:  # the frozen weights live in train.init_from
+    if cfg.train.init_from and not (checkpoints.directory / str(step) / "frozen").is_dir():  # they live there
         frozen = steplib.split_model(steplib.build_model(cfg), cfg)[2]
     state, frozen, _ = checkpoints.restore(step, state, state_sh, frozen, frozen_sh)
     checkpoints.close()

@@ -5,6 +5,12 @@ a function of (seed, step) and the data is either too (synthetic) or a grain pip
 iterator state is saved in each checkpoint (arrayrecord, video), the resumed run computes what the
 uninterrupted one would have, bit for bit. SIGTERM saves a checkpoint after the current step and stops.
 
+A run is a list of stages (config `stages`, a curriculum; none = one stage "main" of train.steps steps) on one
+global step count: stage k covers [sum of earlier steps, + its steps) with its own config (data, schedule, what
+trains, ...) and starts from the weights the stage before ended with (train/stages.py). All stages write one
+checkpoint series whose meta names the stage; a resumed run finds its stage from the checkpoint's step, and a
+checkpoint at a stage's end resumes into the next stage.
+
 The loop reads step N's metrics after launching step N+1, so the host never stalls the device.
 Every `train.sample_every` steps the model edits a few validation clips (train/validate.py).
 """
@@ -27,11 +33,10 @@ from insvie_jax.data.synthetic import SyntheticTriplets
 from insvie_jax.parallel import distributed
 from insvie_jax.parallel import mesh as meshlib
 from insvie_jax.train import metrics as metricslib
+from insvie_jax.train import stages as stageslib
 from insvie_jax.train import step as steplib
 from insvie_jax.train import validate as validatelib
 from insvie_jax.train.checkpoint import Checkpointer
-
-STAGE = "main"  # multi-stage schedules (config `stages`) are not run yet: every step belongs to one stage
 
 
 class TrainingStopped(RuntimeError):
@@ -84,14 +89,6 @@ def _data(cfg: configlib.Config, shardings):
     return _PipelineBatches(cfg, shardings)
 
 
-def _abstract_batch(cfg: configlib.Config, shardings) -> dict:
-    """Batch shapes for compiling when no batch is read (a resumed run that is already done)."""
-    b, (f, h, w, c) = cfg.data.batch_size, latent_shape(cfg)
-    shapes = {"source": (b, f, h, w, c), "target": (b, f, h, w, c),
-              "text": (b, cfg.model.text_length, cfg.model.text_embed_dim)}
-    return {k: jax.ShapeDtypeStruct(shapes[k], np.float32, sharding=shardings[k]) for k in shapes}
-
-
 class _StopSignal:
     """Records SIGTERM (preemption) so the loop can save and stop between steps."""
 
@@ -109,144 +106,219 @@ class _StopSignal:
             signal.signal(signal.SIGTERM, self.previous)
 
 
+def _stage_of_checkpoint(stages: list[configlib.Stage], step: int, meta: dict, where: Path) -> int:
+    """The index of the stage that wrote checkpoint `step`: the one with start < step <= end (a checkpoint at a
+    stage's end is that stage's last); checked against the stage name the checkpoint recorded."""
+    index = next((i for i, s in enumerate(stages) if s.start < step <= s.end), len(stages) - 1)
+    if meta.get("stage") != stages[index].name:
+        plan = ", ".join(f"{s.name} [{s.start}, {s.end})" for s in stages)
+        raise configlib.ConfigError(
+            f"checkpoint {step} in {where} was written by stage {meta.get('stage')!r}, but this config puts step "
+            f"{step} in stage {stages[index].name!r} (stages: {plan}): the stage list changed since the run began; "
+            "restore it, or start a new train.run_dir")
+    return index
+
+
+class _Run:
+    """What the stages of one run share: the mesh, the checkpoint series, the metrics writer, the stop signal,
+    and the losses, compile time and stop reason so far."""
+
+    def __init__(self, cfg: configlib.Config, stages: list[configlib.Stage], run_dir: Path, mesh, groups: int,
+                 main: bool):
+        self.stages, self.run_dir, self.mesh, self.groups, self.main = stages, run_dir, mesh, groups, main
+        self.staged = bool(cfg.stages)
+        self.checkpoints = Checkpointer(run_dir, cfg)
+        self.writer = metricslib.MetricsWriter(run_dir, enabled=main)
+        self.losses: list[float] = []
+        self.stage_summaries: list[dict] = []
+        self.compile_s = 0.0
+        self.interrupted = None
+        self.skipped = 0
+        self.stop = _StopSignal()
+
+    def train_stage(self, index: int, graphdef, optimizer, state, frozen, state_sh, frozen_sh, data, start: int):
+        """Trains stage `index` from global step `start` to its end, or until a stop signal; returns the state."""
+        stage = self.stages[index]
+        cfg, t, mesh, checkpoints, writer = stage.config, stage.config.train, self.mesh, self.checkpoints, self.writer
+        step_fn = steplib.make_train_step(cfg, graphdef, optimizer, mesh, state_sh, frozen_sh, self.groups,
+                                          first_step=stage.start)
+        first_batch = data.batch(start)
+        t0 = time.perf_counter()
+        compiled = step_fn.lower(state, frozen, first_batch, np.int32(start)).compile()
+        self.compile_s += time.perf_counter() - t0
+        flops = metricslib.step_flops(cfg, latent_shape(cfg)[:3], mesh.size)
+        device = jax.local_devices()[0]
+        peak = metricslib.peak_tflops(device)
+        validator = None
+        if t.sample_every:
+            synthetic = data.host_batch(0) if cfg.data.source == "synthetic" else None
+            validator = validatelib.Validator(cfg, mesh, graphdef, validatelib.validation_clips(cfg, synthetic),
+                                              self.run_dir, writer, self.main)
+        losses: list[float] = []
+        last_report = time.perf_counter()
+
+        def meta(done: int) -> dict:
+            return {"step": done, "seed": t.seed, "data_position": done - stage.start, "stage": stage.name,
+                    "stage_index": index, "stage_start": stage.start, "config": cfg.to_dict()}
+
+        def save(done: int) -> None:
+            try:
+                checkpoints.save(done, state, frozen, meta(done), data.iterator)
+            except Exception as err:  # noqa: BLE001 - a failed save (disk full, I/O error) must not end the run
+                writer.error(done, f"checkpoint save at step {done} failed ({type(err).__name__}: {err}); training "
+                                   f"goes on, earlier checkpoints in {checkpoints.directory} are untouched")
+
+        def report(step: int, metrics) -> None:
+            nonlocal last_report
+            values = jax.device_get(metrics)
+            now = time.perf_counter()
+            step_s, last_report = now - last_report, now
+            loss = float(values["loss"])
+            finite = bool(np.isfinite(loss) and np.isfinite(values["grad_norm"]))
+            if finite:
+                losses.append(loss)
+            if step % t.log_every == 0 or step == stage.end - 1 or not finite:
+                tflops = flops / step_s / 1e12 if flops else None
+                writer.write({
+                    "step": step, "stage": stage.name, "loss": loss, "lr": float(values["lr"]),
+                    "grad_norm": float(values["grad_norm"]), "step_s": step_s,
+                    "samples_per_s": cfg.data.batch_size / step_s, "tflops_per_device": tflops,
+                    "mfu": tflops / peak if tflops and peak else None,
+                    "peak_memory_bytes": metricslib.peak_memory_bytes(device),
+                    "skipped_steps": int(values["skipped_steps"]),
+                })
+                if finite:
+                    bar.set_postfix(loss=f"{np.mean(losses[-t.log_every:]):.4f}")
+            in_a_row = int(values["nonfinite_in_a_row"])
+            if in_a_row >= t.max_nonfinite_in_a_row:
+                raise TrainingStopped(
+                    f"{in_a_row} steps in a row up to step {step} had a non-finite loss or gradient (their updates "
+                    f"were skipped); stopping. The last checkpoint is {checkpoints.latest_step()} in "
+                    f"{checkpoints.directory}. Lower train.lr, raise train.warmup_steps, check the data near step "
+                    f"{step}, or raise train.max_nonfinite_in_a_row.")
+
+        bar = tqdm(total=stage.steps, initial=start - stage.start, desc=stage.name if self.staged else "train",
+                   unit="step", disable=not self.main)
+        pending = None
+        try:
+            for step in range(start, stage.end):
+                batch = first_batch if step == start else data.batch(step)
+                # Another bucket's shapes (arrayrecord data.buckets) compile once more through the jitted step.
+                same_shapes = all(batch[k].shape == first_batch[k].shape for k in batch)
+                state, metrics = (compiled if same_shapes else step_fn)(state, frozen, batch, np.int32(step))
+                if pending:
+                    report(*pending)
+                pending = (step, metrics)
+                bar.update(1)
+                done = step + 1
+                if self.stop.received is not None:
+                    self.interrupted = f"signal {self.stop.received} after step {step}"
+                if done % cfg.checkpoint.every == 0 or done == stage.end or self.interrupted:
+                    save(done)
+                if validator and validator.due(done):
+                    report(*pending)  # before sampling, so that no step_s counts the sampling time
+                    pending = None
+                    validator(done, state["params"], frozen)
+                    last_report = time.perf_counter()
+                if self.interrupted:
+                    break
+            if pending:
+                report(*pending)
+        finally:
+            bar.close()
+        self.losses += losses
+        self.stage_summaries.append({"name": stage.name, "start_step": start, "steps": len(losses),
+                                     "first_loss": losses[0] if losses else None,
+                                     "last_loss": losses[-1] if losses else None})
+        return state, frozen
+
+
 def run(cfg: configlib.Config) -> dict:
-    """Trains to `cfg.train.steps` steps (resuming RUN if it holds checkpoints); returns a summary."""
+    """Trains the run's stages one after another (config `stages`; none: one stage of train.steps steps),
+    resuming RUN if it holds checkpoints; returns a summary."""
     distributed.initialize()
     main = distributed.is_main_process()
+    stages = configlib.resolve_stages(cfg)
     run_dir = Path(cfg.train.run_dir)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         configlib.save(cfg, run_dir / "config.yaml")
     mesh = meshlib.create_mesh(cfg.mesh)
     groups = meshlib.data_parallel_size(mesh)
-    if cfg.data.batch_size % groups:
-        raise configlib.ConfigError(f"data.batch_size={cfg.data.batch_size} must be a multiple of the data-parallel "
-                                    f"size {groups} (mesh data x fsdp = {dict(mesh.shape)})")
-
-    optimizer = steplib.make_optimizer(cfg)
-    graphdef, state, frozen, state_sh, frozen_sh = steplib.init_state(cfg, mesh, optimizer)
-    batch_sh = steplib.batch_shardings(cfg, mesh)
-    data = _data(cfg, batch_sh)
-    checkpoints = Checkpointer(run_dir, cfg)
-    start = 0
-    if (latest := checkpoints.latest_step()) is not None:
-        state, frozen, meta = checkpoints.restore(latest, state, state_sh, frozen, frozen_sh, data.iterator)
-        start = int(meta["data_position"])
+    for stage in stages:
+        if stage.config.data.batch_size % groups:
+            where = f"stage '{stage.name}': " if cfg.stages else ""
+            raise configlib.ConfigError(f"{where}data.batch_size={stage.config.data.batch_size} must be a multiple of "
+                                        f"the data-parallel size {groups} (mesh data x fsdp = {dict(mesh.shape)})")
+    total = stages[-1].end
+    job = _Run(cfg, stages, run_dir, mesh, groups, main)
+    checkpoints = job.checkpoints
+    latest = checkpoints.latest_step()
+    first = 0
+    if latest is not None:
+        first = _stage_of_checkpoint(stages, latest, checkpoints.meta(latest), checkpoints.directory)
         if main:
-            print(f"insvie-jax train: resuming {run_dir} from checkpoint {latest}", file=sys.stderr, flush=True)
-            if start >= cfg.train.steps:
-                print(f"insvie-jax train: {run_dir} is already at step {start} of train.steps={cfg.train.steps}: "
-                      "nothing to train (raise train.steps to go on, or pick a new train.run_dir)",
+            where = (f" (stage '{stages[first].name}', step {latest - stages[first].start} of "
+                     f"{stages[first].steps})") if cfg.stages else ""
+            print(f"insvie-jax train: resuming {run_dir} from checkpoint {latest}{where}", file=sys.stderr, flush=True)
+            if latest >= total:
+                steps = "the stages' steps" if cfg.stages else "train.steps"
+                print(f"insvie-jax train: {run_dir} is already at step {latest} of {steps}={total}: nothing to "
+                      f"train (raise {steps.removesuffix(' steps')} to go on, or pick a new train.run_dir)",
                       file=sys.stderr, flush=True)
 
-    step_fn = steplib.make_train_step(cfg, graphdef, optimizer, mesh, state_sh, frozen_sh, groups)
-    first_batch = data.batch(start) if start < cfg.train.steps else None
-    t0 = time.perf_counter()
-    compiled = step_fn.lower(state, frozen, first_batch or _abstract_batch(cfg, batch_sh), np.int32(start)).compile()
-    compile_s = time.perf_counter() - t0
-    flops = metricslib.step_flops(cfg, latent_shape(cfg)[:3], mesh.size)
-    device = jax.local_devices()[0]
-    peak = metricslib.peak_tflops(device)
-    writer = metricslib.MetricsWriter(run_dir, enabled=main)
-    validator = None
-    if cfg.train.sample_every:
-        synthetic = data.host_batch(0) if cfg.data.source == "synthetic" else None
-        validator = validatelib.Validator(cfg, mesh, graphdef, validatelib.validation_clips(cfg, synthetic), run_dir,
-                                          writer, main)
-    stop = _StopSignal()
-    losses: list[float] = []
-    t = cfg.train
-    last_report = time.perf_counter()
-
-    def meta(done: int) -> dict:
-        return {"step": done, "seed": t.seed, "data_position": done, "stage": STAGE, "config": cfg.to_dict()}
-
-    def save(done: int) -> None:
-        try:
-            checkpoints.save(done, state, frozen, meta(done), data.iterator)
-        except Exception as err:  # noqa: BLE001 - a failed save (disk full, I/O error) must not end the run
-            writer.error(done, f"checkpoint save at step {done} failed ({type(err).__name__}: {err}); training "
-                               f"goes on, earlier checkpoints in {checkpoints.directory} are untouched")
-
-    def report(step: int, metrics) -> None:
-        nonlocal last_report
-        values = jax.device_get(metrics)
-        now = time.perf_counter()
-        step_s, last_report = now - last_report, now
-        loss = float(values["loss"])
-        finite = bool(np.isfinite(loss) and np.isfinite(values["grad_norm"]))
-        if finite:
-            losses.append(loss)
-        if step % t.log_every == 0 or step == t.steps - 1 or not finite:
-            tflops = flops / step_s / 1e12 if flops else None
-            writer.write({
-                "step": step, "stage": STAGE, "loss": loss, "lr": float(values["lr"]),
-                "grad_norm": float(values["grad_norm"]), "step_s": step_s,
-                "samples_per_s": cfg.data.batch_size / step_s, "tflops_per_device": tflops,
-                "mfu": tflops / peak if tflops and peak else None,
-                "peak_memory_bytes": metricslib.peak_memory_bytes(device),
-                "skipped_steps": int(values["skipped_steps"]),
-            })
-            if finite:
-                bar.set_postfix(loss=f"{np.mean(losses[-t.log_every:]):.4f}")
-        in_a_row = int(values["nonfinite_in_a_row"])
-        if in_a_row >= t.max_nonfinite_in_a_row:
-            raise TrainingStopped(
-                f"{in_a_row} steps in a row up to step {step} had a non-finite loss or gradient (their updates "
-                f"were skipped); stopping. The last checkpoint is {checkpoints.latest_step()} in "
-                f"{checkpoints.directory}. Lower train.lr, raise train.warmup_steps, check the data near step "
-                f"{step}, or raise train.max_nonfinite_in_a_row.")
-
-    bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", disable=not main)
-    pending = None
-    interrupted = None
     start_time = time.perf_counter()
+    before = None  # (stage, graphdef, state, frozen) where the stage before ended
     try:
-        for step in range(start, t.steps):
-            batch = first_batch if step == start else data.batch(step)
-            # Another bucket's shapes (arrayrecord data.buckets) compile once more through the jitted step.
-            same_shapes = all(batch[k].shape == first_batch[k].shape for k in batch)
-            state, metrics = (compiled if same_shapes else step_fn)(state, frozen, batch, np.int32(step))
-            if pending:
-                report(*pending)
-            pending = (step, metrics)
-            bar.update(1)
-            done = step + 1
-            if stop.received is not None:
-                interrupted = f"signal {stop.received} after step {step}"
-            if done % cfg.checkpoint.every == 0 or done == t.steps or interrupted:
-                save(done)
-            if validator and validator.due(done):
-                report(*pending)  # before sampling, so that no step_s counts the sampling time
-                pending = None
-                validator(done, state["params"], frozen)
-                last_report = time.perf_counter()
-            if interrupted:
+        for index in range(first, len(stages)):
+            stage = stages[index]
+            optimizer = steplib.make_optimizer(stage.config)
+            checkpoints.save_frozen = stageslib.saves_frozen(stages, index)
+            if before is None:
+                graphdef, state, frozen, state_sh, frozen_sh = steplib.init_state(stage.config, mesh, optimizer)
+            else:
+                graphdef, state, frozen, state_sh, frozen_sh = stageslib.carry_over(*before, stage, mesh, optimizer)
+            start = stage.start
+            data = None
+            if index == first and latest is not None:
+                start = min(latest, stage.end)
+                if start < stage.end:  # at a stage's end its data is not needed: the next stage starts afresh
+                    data = _data(stage.config, steplib.batch_shardings(stage.config, mesh))
+                state, frozen, _ = checkpoints.restore(latest, state, state_sh, frozen, frozen_sh,
+                                                       data.iterator if data else None)
+            if start < stage.end:
+                data = data or _data(stage.config, steplib.batch_shardings(stage.config, mesh))
+                state, frozen = job.train_stage(index, graphdef, optimizer, state, frozen, state_sh, frozen_sh, data,
+                                                start)
+            job.skipped = int(jax.device_get(state["skipped"]))
+            if job.interrupted:
                 break
-        if pending:
-            report(*pending)
+            before = (stage, graphdef, state, frozen)
     finally:
-        bar.close()
-        stop.restore()
+        job.stop.restore()
         try:
             checkpoints.wait()
         except Exception as err:  # noqa: BLE001 - reported, as for a save that fails at once
-            writer.error(t.steps, f"a checkpoint write failed ({type(err).__name__}: {err}); earlier checkpoints "
-                                  f"in {checkpoints.directory} are untouched")
+            job.writer.error(total, f"a checkpoint write failed ({type(err).__name__}: {err}); earlier checkpoints "
+                                    f"in {checkpoints.directory} are untouched")
         checkpoints.close()
-        writer.close()
-    if interrupted and main:
-        print(f"insvie-jax train: stopped by {interrupted}; checkpoint saved, rerun the same command to resume",
+        job.writer.close()
+    if job.interrupted and main:
+        print(f"insvie-jax train: stopped by {job.interrupted}; checkpoint saved, rerun the same command to resume",
               file=sys.stderr, flush=True)
+    losses = job.losses
     window = max(1, min(25, len(losses) // 4))
-    return {
+    summary = {
         "steps": len(losses),
-        "start_step": start,
+        "start_step": latest or 0,
         "first_loss": float(np.mean(losses[:window])) if losses else None,
         "last_loss": float(np.mean(losses[-window:])) if losses else None,
-        "skipped_steps": int(jax.device_get(state["skipped"])),
-        "compile_s": compile_s,
+        "skipped_steps": job.skipped,
+        "compile_s": job.compile_s,
         "total_s": time.perf_counter() - start_time,
-        "interrupted": interrupted,
+        "interrupted": job.interrupted,
         "run_dir": str(run_dir),
     }
+    if cfg.stages:
+        summary["stages"] = job.stage_summaries
+    return summary

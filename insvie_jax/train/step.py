@@ -191,11 +191,13 @@ def make_loss_fn(cfg: Config, graphdef, timestep_groups: int = 1):
     return loss_fn
 
 
-def make_train_step(cfg: Config, graphdef, optimizer, mesh: Mesh, state_sh, frozen_sh, timestep_groups: int = 1):
+def make_train_step(cfg: Config, graphdef, optimizer, mesh: Mesh, state_sh, frozen_sh, timestep_groups: int = 1,
+                    first_step: int = 0):
     """`step(state, frozen, batch, step) -> (state, metrics)`: one jit, state donated.
 
     Inputs and outputs carry explicit shardings (batch split over the `batch` rule's axes), activations are
     constrained by the logical rules. `timestep_groups`: see `stratified_timesteps` (the data-parallel size).
+    `first_step`: the global step the stage starts at (its learning-rate schedule counts from there).
     A non-finite loss or gradient leaves params, optimizer state and EMA unchanged and counts the step.
     """
     loss_fn = make_loss_fn(cfg, graphdef, timestep_groups)
@@ -225,7 +227,7 @@ def make_train_step(cfg: Config, graphdef, optimizer, mesh: Mesh, state_sh, froz
             new["ema"] = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state["ema"], new["params"])
         new["skipped"] = state["skipped"] + (~finite).astype(jnp.int32)
         new["nonfinite_in_a_row"] = jnp.where(finite, 0, state["nonfinite_in_a_row"] + 1)
-        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr(step_index // t.grad_accum),
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr((step_index - first_step) // t.grad_accum),
                    "skipped_steps": new["skipped"], "nonfinite_in_a_row": new["nonfinite_in_a_row"]}
         return new, metrics
 
