@@ -8,7 +8,7 @@ import sys
 
 from insvie_jax import config as configlib
 
-DEFAULT_CONFIG = "tiny"
+DEFAULT_CONFIG = "tiny-shapes"  # tiny models; training makes and encodes moving-shape clips first
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -143,7 +143,7 @@ def cmd_filter(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="insvie-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    train = sub.add_parser("train", help="train an edit model (default: the tiny config on synthetic data)")
+    train = sub.add_parser("train", help="train an edit model (default: tiny-shapes, tiny models on generated moving-shape clips)")
     _config_args(train)
     train.set_defaults(func=cmd_train)
     show = sub.add_parser("config", help="print the resolved config")
