@@ -8,7 +8,7 @@ import sys
 
 from insvie_jax import config as configlib
 
-DEFAULT_CONFIG = "tiny"
+DEFAULT_CONFIG = "tiny-shapes"  # tiny models; training makes and encodes moving-shape clips first
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -192,7 +192,8 @@ def cmd_sweep(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="insvie-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    train = sub.add_parser("train", help="train an edit model (default: the tiny config on synthetic data)",
+    train = sub.add_parser("train", help="train an edit model (default: tiny-shapes, tiny models on generated "
+                                         "moving-shape clips)",
                            description="Trains the config's stages one after another (none: one stage of "
                                        "train.steps), resuming train.run_dir if it holds checkpoints. Change a "
                                        "stage with stages.<name>.steps=N or stages.<name>.<section>.<key>=VALUE.")

@@ -83,6 +83,9 @@ class VAEConfig:
     latent_channels: int = 16
     spatial_compression: int = 8  # = 2 ** (len(block_out_channels) - 1)
     temporal_compression: int = 4
+    # Randomly initialised VAE only (empty `path`): > 0 = this constant posterior std instead of the drawn
+    # log-variance head, whose std is as large as the means: posterior samples of it would be mostly noise.
+    random_posterior_std: float = 0.0
     block_out_channels: list = dataclasses.field(default_factory=lambda: [128, 256, 256, 512])
     layers_per_block: int = 3
     norm_num_groups: int = 32
@@ -185,6 +188,18 @@ class DataConfig:
     shard_size: int = 256  # input triplets per `encode` work unit (one ArrayRecord file per bucket each)
     encode_batch_size: int = 0  # triplets per `encode` step of a process, split over its devices; 0 = one per device
     report_dir: str = ""  # where the pipeline appends bad records (JSONL); empty = log only
+    # data.source=video: InsViE's source augmentation, pixel noise of std exp(N(log_mean, log_std²)) (in [-1, 1]
+    # units, one draw per clip) added to the source before the VAE; targets stay clean. Pre-encoded shards
+    # (arrayrecord) hold clean posteriors and get none.
+    source_noise: bool = True
+    source_noise_log_mean: float = -3.0
+    source_noise_log_std: float = 0.5
+    # Moving-shape triplets (data/synthetic_videos.py) for data.source=arrayrecord: > 0 = where a data.paths
+    # folder has no manifest, write this many triplets (mp4 + InsViE CSV in <folder>/videos) and encode them
+    # there first; empty data.paths = [<train.run_dir>/data]. generate_instructions: a subset of the
+    # generator's instructions (empty = all).
+    generate: int = 0
+    generate_instructions: list = dataclasses.field(default_factory=list)
     # `insvie-jax filter` thresholds; a triplet failing any is rejected with the failing score named.
     filter_frames: int = 17  # frames scored per clip
     filter_size: int = 64  # scoring resolution (shorter side, pixels)
@@ -503,9 +518,14 @@ def _validate_data(d: DataConfig, step: int) -> None:
                                                               for w in d.weights) or not sum(d.weights)):
         raise ConfigError(f"data.weights={d.weights} must be one non-negative number per data.paths entry "
                           f"({len(d.paths)}), not all zero")
-    if d.source != "synthetic" and not d.paths:
+    if d.generate and d.source != "arrayrecord":
+        raise ConfigError(f"data.generate={d.generate} writes encoded shards: set data.source=arrayrecord "
+                          f"(not {d.source!r}), or data.generate=0")
+    if d.source != "synthetic" and not d.paths and not d.generate:
         raise ConfigError(f"data.source={d.source!r} needs data.paths (shard folders for 'arrayrecord', triplet "
                           "lists for 'video')")
+    if d.generate < 0 or d.source_noise_log_std < 0:
+        raise ConfigError("data.generate and data.source_noise_log_std must be >= 0")
     if (d.fps <= 0 or min(d.skip_frames, d.num_workers, d.encode_batch_size) < 0
             or min(d.prefetch, d.shard_size, d.read_threads) < 1):
         raise ConfigError("data.fps must be > 0, data.skip_frames, data.num_workers and data.encode_batch_size >= 0, "

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
 
+from insvie_jax.data import synthetic_videos
 from insvie_jax.data.video import write_image, write_video
 
 
@@ -41,12 +41,9 @@ def write_pair(root: Path, name: str, num_frames: int = 9, height: int = 32, wid
 
 
 def write_insvie_csv(path: Path, names: list[str], instructions: list[str] | None = None) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["video", "caption", "instruction", "edited_caption", "edit_folder"])
-        for i, name in enumerate(names):
-            instruction = instructions[i] if instructions else f"make it blue {i}"
-            writer.writerow([name, "a clip", instruction, "a blue clip", "edit"])
+    rows = [[name, "a clip", instructions[i] if instructions else f"make it blue {i}", "a blue clip", "edit"]
+            for i, name in enumerate(names)]
+    synthetic_videos.write_insvie_csv(path, rows)
 
 
 def write_image_pair(root: Path, name: str, height: int = 32, width: int = 48, seed: int = 0) -> None:

@@ -209,18 +209,34 @@ def _video_streams(cfg, train, process_index, process_count, batch, report, with
     return streams, weights
 
 
+def source_noise(frames: np.ndarray, seed: int, log_mean: float, log_std: float) -> np.ndarray:
+    """InsViE's source augmentation: Gaussian pixel noise of std σ = exp(N(log_mean, log_std²)) in [-1, 1] units,
+    one σ per clip, drawn from `seed`; uint8 frames in, float32 frames on the 0..255 scale out (unclipped)."""
+    rng = np.random.default_rng([seed, 1])  # [seed] alone draws the latent posterior noise
+    sigma = np.exp(rng.normal(log_mean, log_std))
+    noise = rng.standard_normal(frames.shape, dtype=np.float32)
+    return frames.astype(np.float32) + np.float32(127.5 * sigma) * noise
+
+
 class EncodeBatch:
-    """Pixel batches -> latent batches with the config's VAE and T5, in the main process."""
+    """Pixel batches -> latent batches with the config's VAE and T5, in the main process; the sources get
+    pixel noise first (`source_noise`, data.source_noise), the targets are encoded clean."""
 
     def __init__(self, cfg):
         from insvie_jax.data.encode import TripletEncoder
 
         self.encoder = TripletEncoder(cfg)
         self.scaling_factor = np.float32(cfg.vae.scaling_factor)
+        d = cfg.data
+        self.noise = (d.source_noise_log_mean, d.source_noise_log_std) if d.source_noise else None
 
     def __call__(self, batch: dict) -> dict:
         size = len(batch["source"])
-        mean, std = self.encoder.video(np.concatenate([batch["source"], batch["target"]]))
+        source = batch["source"]
+        if self.noise:
+            source = np.stack([source_noise(clip, int(s), *self.noise)
+                               for clip, s in zip(source, batch["noise_seed"])])
+        mean, std = self.encoder.video(np.concatenate([source, batch["target"].astype(source.dtype)]))
         noise = np.stack([np.random.default_rng(int(s)).standard_normal(mean.shape[1:], dtype=np.float32)
                           for s in batch["noise_seed"]] * 2)
         latents = (mean + std * noise) * self.scaling_factor

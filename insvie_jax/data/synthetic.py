@@ -37,11 +37,18 @@ class SyntheticTriplets:
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """The batch of `step`: a pure function of (seed, step), so a resumed run sees the same data."""
-        rng = np.random.default_rng([self.seed, step])
+        return self.rows(step, range(self.batch_size))
+
+    def rows(self, step: int, rows: range) -> dict[str, np.ndarray]:
+        """Rows `rows` of the batch of `step`; each row is drawn on its own, so a process can make just its own."""
         f, h, w, c = self.latent_shape
-        # Smooth sources: low-resolution noise upsampled, so that edits have spatial structure to keep.
-        coarse = rng.standard_normal((self.batch_size, f, max(h // 2, 1), max(w // 2, 1), c)).astype(np.float32)
-        source = coarse.repeat(2, axis=2)[:, :, :h].repeat(2, axis=3)[:, :, :, :w]
-        kinds = rng.integers(0, NUM_INSTRUCTIONS, self.batch_size)
-        target = np.stack([_edit(s, int(k)) for s, k in zip(source, kinds)])
-        return {"source": source, "target": target, "text": self.instructions[kinds]}
+        sources, kinds = [], []
+        for row in rows:
+            rng = np.random.default_rng([self.seed, step, row])
+            # Smooth sources: low-resolution noise upsampled, so that edits have spatial structure to keep.
+            coarse = rng.standard_normal((f, max(h // 2, 1), max(w // 2, 1), c)).astype(np.float32)
+            sources.append(coarse.repeat(2, axis=1)[:, :h].repeat(2, axis=2)[:, :, :w])
+            kinds.append(int(rng.integers(0, NUM_INSTRUCTIONS)))
+        source = np.stack(sources) if sources else np.zeros((0, f, h, w, c), np.float32)
+        target = np.stack([_edit(s, k) for s, k in zip(source, kinds)]) if kinds else source.copy()
+        return {"source": source, "target": target, "text": self.instructions[np.asarray(kinds, int)]}

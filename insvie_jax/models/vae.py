@@ -434,6 +434,7 @@ def build(cfg: VAEConfig, seed: int = 0) -> CogVideoXVAE:
 
     Drawn on the host because initialising its many differently shaped convolutions op by op in JAX compiles
     each one: about 15 s on CPU even for the tiny VAE, against well under a second here.
+    `cfg.random_posterior_std` > 0 makes the encoder's log-variance output that constant (see VAEConfig).
     """
     rng = np.random.default_rng(seed)
 
@@ -445,6 +446,10 @@ def build(cfg: VAEConfig, seed: int = 0) -> CogVideoXVAE:
         return (np.ones if kind == "scale" else np.zeros)(shape, np.float32)
 
     model = abstract(cfg)
-    return module_from_flat(model, {name: draw(name, shape) for name, shape in param_shapes(model).items()},
-                            "random VAE")
+    flat = {name: draw(name, shape) for name, shape in param_shapes(model).items()}
+    if cfg.random_posterior_std > 0:
+        channels = cfg.latent_channels  # conv_out gives (mean, logvar) channels
+        flat["encoder.conv_out.kernel"][..., channels:] = 0.0
+        flat["encoder.conv_out.bias"][channels:] = 2 * np.log(cfg.random_posterior_std)
+    return module_from_flat(model, flat, "random VAE")
 

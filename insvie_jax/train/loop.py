@@ -25,9 +25,11 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from insvie_jax import config as configlib
+from insvie_jax.data import synthetic_videos
 from insvie_jax.data.pipeline import make_pipeline
 from insvie_jax.data.synthetic import SyntheticTriplets
 from insvie_jax.parallel import distributed
@@ -50,7 +52,9 @@ def latent_shape(cfg: configlib.Config) -> tuple[int, int, int, int]:
 
 
 class _SyntheticBatches:
-    """Synthetic data: the global batch of each step, a pure function of (train.seed, step); nothing to save."""
+    """Synthetic data: the global batch of each step, a pure function of (train.seed, step); nothing to save.
+    Each process draws only the rows its devices hold (rows are drawn independently, so the global batch is the
+    same for any process count)."""
 
     iterator = None
 
@@ -58,9 +62,21 @@ class _SyntheticBatches:
         self.data = SyntheticTriplets(cfg.data.batch_size, latent_shape(cfg), cfg.model.text_length,
                                       cfg.model.text_embed_dim, seed=cfg.train.seed)
         self.shardings = shardings
+        b = cfg.data.batch_size
+        self.shapes = {"source": (b, *latent_shape(cfg)), "target": (b, *latent_shape(cfg)),
+                       "text": (b, cfg.model.text_length, cfg.model.text_embed_dim)}
 
     def batch(self, step: int) -> dict:
-        return steplib.put_batch(self.data.batch(step), self.shardings)
+        drawn = {}  # rows -> arrays, shared by the devices (and keys) that hold the same rows
+
+        def shard(key: str, index: tuple) -> np.ndarray:
+            rows = range(*index[0].indices(self.data.batch_size))
+            if rows not in drawn:
+                drawn[rows] = self.data.rows(step, rows)
+            return drawn[rows][key][(slice(None), *index[1:])]
+
+        return {k: jax.make_array_from_callback(self.shapes[k], self.shardings[k], lambda i, k=k: shard(k, i))
+                for k in self.shardings}
 
     def host_batch(self, step: int) -> dict:
         return self.data.batch(step)
@@ -238,6 +254,10 @@ def run(cfg: configlib.Config) -> dict:
     resuming RUN if it holds checkpoints; returns a summary."""
     distributed.initialize()
     main = distributed.is_main_process()
+    if cfg.data.generate:  # the default run's moving-shape clips, written and encoded once by the main process
+        cfg = synthetic_videos.prepare(cfg, main)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("insvie-jax data.generate")
     stages = configlib.resolve_stages(cfg)
     run_dir = Path(cfg.train.run_dir)
     if main:
