@@ -217,7 +217,10 @@ def run(args) -> int:
     config = "tiny" if args.tiny else args.preset
     base_overrides = list(TINY_OVERRIDES if args.tiny else ()) + list(args.set or [])
     repeats = args.repeats if args.repeats else (2 if args.tiny else 5)
-    jax_env = {"XLA_PYTHON_CLIENT_PREALLOCATE": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "false")}
+    # Without preallocation XLA's allocator still stops at XLA_PYTHON_CLIENT_MEM_FRACTION of the card (0.75 by
+    # default); torch may use all of it, so ours gets 0.95 unless the user set it.
+    jax_env = {"XLA_PYTHON_CLIENT_PREALLOCATE": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "false"),
+               "XLA_PYTHON_CLIENT_MEM_FRACTION": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")}
     if args.xla_flags:
         jax_env["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), args.xla_flags]))
     ref_env = {"JAX_PLATFORMS": "cpu"}  # the reference process imports our numpy key maps; JAX stays off the GPU
