@@ -104,14 +104,20 @@ def cmd_edit(args) -> int:
     return (2 if len(jobs) == 1 else 1) if failed else 0
 
 
-def cmd_encode(args) -> int:
-    from insvie_jax.data.encode import encode_lists
-
+def _config_and_lists(args, command: str):
+    """The resolved config and the triplet lists (--list, else data.paths) of `encode` / `filter`."""
     path, overrides = _split_config(args)
     cfg = configlib.load(path, overrides)
     lists = args.list or cfg.data.paths
     if not lists:
-        raise configlib.ConfigError("encode: name the triplet lists with --list (or data.paths=[...])")
+        raise configlib.ConfigError(f"{command}: name the triplet lists with --list (or data.paths=[...])")
+    return cfg, lists
+
+
+def cmd_encode(args) -> int:
+    from insvie_jax.data.encode import encode_lists
+
+    cfg, lists = _config_and_lists(args, "encode")
     manifest = encode_lists(cfg, lists, args.out, show_progress=not args.quiet)
     bad = manifest["bad"]
     print(json.dumps({"out": args.out, "count": manifest["count"], "bad": bad["count"], "bad_by_reason":
@@ -123,11 +129,7 @@ def cmd_filter(args) -> int:
     from insvie_jax.data import filters
     from insvie_jax.data.sources import read_lists
 
-    path, overrides = _split_config(args)
-    cfg = configlib.load(path, overrides)
-    lists = args.list or cfg.data.paths
-    if not lists:
-        raise configlib.ConfigError("filter: name the triplet lists with --list (or data.paths=[...])")
+    cfg, lists = _config_and_lists(args, "filter")
     triplets, list_report = read_lists(lists, cfg.data.video_roots)
     rows = filters.filter_triplets(cfg, triplets, list_report, filters.make_judge(cfg.data),
                                    show_progress=not args.quiet)

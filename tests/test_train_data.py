@@ -7,16 +7,15 @@ frame strips."""
 
 import json
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 from _data_clips import write_insvie_csv, write_pair
+from _runs import run_and_kill_when
 
 from insvie_jax import config as configlib
 from insvie_jax.data.pipeline import make_pipeline
@@ -84,16 +83,8 @@ def test_arrayrecord_training_learns_and_resumes_bit_for_bit(tmp_path, env, shar
     assert (reference_dir / "checkpoints" / str(STEPS) / "data").is_dir()  # the iterator state is checkpointed
 
     run_dir = tmp_path / "killed"
-    proc = subprocess.Popen(_command(run_dir, shards), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if max(_losses(run_dir), default=-1) >= KILL_AFTER and (run_dir / "checkpoints" / "10").is_dir():
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.002)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, f"the run ended before it was killed:\n{proc.stderr.read()}"
+    run_and_kill_when(_command(run_dir, shards), env, lambda: (
+        max(_losses(run_dir), default=-1) >= KILL_AFTER and (run_dir / "checkpoints" / "10").is_dir()))
     resumed = subprocess.run(_command(run_dir, shards), env=env, capture_output=True, text=True, timeout=120,
                              check=False)
     assert resumed.returncode == 0 and "resuming" in resumed.stderr, resumed.stderr

@@ -7,20 +7,18 @@ videos boundary checkpoint and again inside the videos stage, restarted each tim
 as the uninterrupted run, bit for bit (CPU). Bad stages are ConfigErrors that name the stage and the key."""
 
 import json
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from _runs import checkpoints, records, run_and_kill_when
 from flax import nnx
 
 from insvie_jax import config as configlib
-from insvie_jax.data import records
+from insvie_jax.data import records as recordlib
 from insvie_jax.models import lora as loralib
 from insvie_jax.train import step as steplib
 
@@ -35,8 +33,8 @@ HQ_MOVE_BOUND = 1e-3
 def shards(tmp_path_factory):
     """Two folders of random latent records in the videos stage's shape (5 frames at 32x48 -> 2x4x6 latents)."""
     root = tmp_path_factory.mktemp("shards")
-    records.write_synthetic(root / "a", {(2, 4, 6): 12}, (8, 32), shard_size=4, prefix="a/")
-    records.write_synthetic(root / "b", {(2, 4, 6): 6}, (8, 32), shard_size=4, seed=1, prefix="b/")
+    recordlib.write_synthetic(root / "a", {(2, 4, 6): 12}, (8, 32), shard_size=4, prefix="a/")
+    recordlib.write_synthetic(root / "b", {(2, 4, 6): 6}, (8, 32), shard_size=4, seed=1, prefix="b/")
     return root
 
 
@@ -44,17 +42,6 @@ def _command(run_dir, shards):
     return [sys.executable, "-m", "insvie_jax.cli", "train", CONFIG, f"train.run_dir={run_dir}", "checkpoint.keep=20",
             "stages.videos.data.source=arrayrecord", f"stages.videos.data.paths=[{shards}/a, {shards}/b]",
             "stages.videos.data.weights=[3, 1]"]
-
-
-def _records(run_dir):
-    path = Path(run_dir) / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [json.loads(line) for line in lines if line.endswith("}")]  # a killed writer may leave half a line
-
-
-def _checkpoints(run_dir):
-    folder = Path(run_dir) / "checkpoints"
-    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +55,7 @@ def reference(tmp_path_factory, env, shards):
 
 def test_curriculum_runs_its_stages_on_one_checkpoint_series(reference):
     run_dir, summary = reference
-    losses = [r for r in _records(run_dir) if "loss" in r]
+    losses = [r for r in records(run_dir) if "loss" in r]
     assert [r["step"] for r in losses] == list(range(36))
     for name, steps in STAGES.items():
         assert {r["stage"] for r in losses if r["step"] in steps} == {name}
@@ -78,8 +65,8 @@ def test_curriculum_runs_its_stages_on_one_checkpoint_series(reference):
         [("images", 0, 12), ("videos", 12, 12), ("hq", 24, 12)]
 
     manager = ocp.CheckpointManager(run_dir / "checkpoints")
-    assert _checkpoints(run_dir) == list(range(4, 37, 4))
-    for step in _checkpoints(run_dir):
+    assert checkpoints(run_dir) == list(range(4, 37, 4))
+    for step in checkpoints(run_dir):
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         name = next(n for n, steps in STAGES.items() if steps.start < step <= steps.stop)
         assert (meta["step"], meta["stage"], meta["data_position"]) == (step, name, step - STAGES[name].start)
@@ -122,31 +109,20 @@ def _max_difference(a, b) -> float:
 
 def _start_and_kill_when(run_dir, env, shards, ready):
     """Starts the run and SIGKILLs it as soon as `ready(checkpoints, records)`; returns the run's stderr."""
-    proc = subprocess.Popen(_command(run_dir, shards), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if ready(_checkpoints(run_dir), _records(run_dir)):
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.002)
-    proc.wait()
-    stderr = proc.stderr.read()
-    assert proc.returncode == -signal.SIGKILL, f"the run ended before it was killed:\n{stderr}"
-    return stderr
+    return run_and_kill_when(_command(run_dir, shards), env, lambda: ready(checkpoints(run_dir), records(run_dir)))
 
 
 def test_killed_at_a_stage_boundary_and_inside_a_stage_resumes_bit_for_bit(tmp_path, env, shards, reference):
-    expected = {r["step"]: r["loss"] for r in _records(reference[0]) if "loss" in r}
+    expected = {r["step"]: r["loss"] for r in records(reference[0]) if "loss" in r}
     run_dir = tmp_path / "killed"
     # 1. Killed once the images stage's last checkpoint (12) is written: the restart begins the videos stage.
     _start_and_kill_when(run_dir, env, shards, lambda saved, _: 12 in saved)
-    assert _checkpoints(run_dir)[-1] == 12
+    assert checkpoints(run_dir)[-1] == 12
     # 2. Killed inside the videos stage (ArrayRecord data), a few steps after its checkpoint 16.
     resumed = _start_and_kill_when(
         run_dir, env, shards, lambda saved, recs: 16 in saved and any(r.get("step", 0) >= 18 for r in recs))
     assert "from checkpoint 12 (stage 'images', step 12 of 12)" in resumed, resumed
-    inside = _checkpoints(run_dir)[-1]
+    inside = checkpoints(run_dir)[-1]
     assert inside in (16, 20), inside
     final = subprocess.run(_command(run_dir, shards), env=env, capture_output=True, text=True, timeout=300,
                            check=False)
@@ -154,7 +130,7 @@ def test_killed_at_a_stage_boundary_and_inside_a_stage_resumes_bit_for_bit(tmp_p
     assert f"from checkpoint {inside} (stage 'videos', step {inside - 12} of 12)" in final.stderr, final.stderr
 
     seen: dict[int, list[float]] = {}
-    for r in _records(run_dir):
+    for r in records(run_dir):
         if "loss" in r:
             seen.setdefault(r["step"], []).append(r["loss"])
     assert sorted(seen) == list(range(36))
