@@ -149,6 +149,7 @@ class _Run:
         self.stage_summaries: list[dict] = []
         self.compile_s = 0.0
         self.interrupted = None
+        self.validation = None  # the last validation record (edit_mse vs source_mse)
         self.skipped = 0
         self.stop = _StopSignal()
 
@@ -234,7 +235,7 @@ class _Run:
                 if validator and validator.due(done):
                     report(*pending)  # before sampling, so that no step_s counts the sampling time
                     pending = None
-                    validator(done, state["params"], frozen)
+                    self.validation = validator(done, state["params"], frozen)
                     last_report = time.perf_counter()
                 if self.interrupted:
                     break
@@ -337,6 +338,7 @@ def run(cfg: configlib.Config) -> dict:
         "compile_s": job.compile_s,
         "total_s": time.perf_counter() - start_time,
         "interrupted": job.interrupted,
+        "validation": job.validation,
         "run_dir": str(run_dir),
     }
     if cfg.stages:
