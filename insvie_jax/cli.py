@@ -19,7 +19,8 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
 
 def _split_config(args) -> tuple[str, list[str]]:
     # `insvie-jax train model.num_layers=4` (no config named) means the default config with that override.
-    if args.config and "=" in args.config:
+    # A YAML path may itself hold "=" (e.g. a sweep run's folder, runs/lora.rank=64/config.yaml).
+    if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
         return DEFAULT_CONFIG, [args.config, *args.overrides]
     return args.config, list(args.overrides)
 

@@ -401,6 +401,8 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     base = data.pop("base", None)
     if base:
         base_path = Path(base) if Path(base).is_absolute() else path.parent / base
+        if not base_path.exists():  # `base: tiny` in a user's file names the shipped preset
+            base_path = resolve_path(base)
         data = _merge(_read_yaml(base_path, seen + (path.resolve(),)), data)
     return data
 

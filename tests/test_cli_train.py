@@ -29,3 +29,14 @@ def test_bad_override_is_a_clear_error_not_a_traceback(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "did you mean 'model.num_layers'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_config_path_with_an_equals_sign_is_a_path_not_an_override(tmp_path):
+    folder = tmp_path / "lora.rank=4"  # how sweep runs name their folders
+    folder.mkdir()
+    (folder / "config.yaml").write_text("base: tiny\ntrain:\n  steps: 7\n")
+    out = subprocess.run([sys.executable, "-m", "insvie_jax.cli", "config", str(folder / "config.yaml"), "train.lr=0.5"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    resolved = yaml.safe_load(out.stdout)
+    assert resolved["train"]["steps"] == 7 and resolved["train"]["lr"] == 0.5 and resolved["model"]["name"] == "tiny"
