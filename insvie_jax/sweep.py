@@ -164,8 +164,36 @@ def load(path: str | Path, root: str | Path = "sweeps", extra_overrides: list[st
     return Sweep(name, folder, runs)
 
 
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _check_unchanged(run: Run) -> None:
+    """A run that has begun keeps the config it began with: a finished run would otherwise be skipped with
+    results of the old config filed under the new one, and a started one would resume under another config."""
+    if not run.config_path.is_file() or run_status(run.folder, run.config.train.steps) == "pending":
+        return
+    before, now = _flat(configlib.load(run.config_path).to_dict()), _flat(run.config.to_dict())
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    if changed:
+        shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
+        more = f" (and {len(changed) - 5} more)" if len(changed) > 5 else ""
+        raise configlib.ConfigError(
+            f"run '{run.name}' in {run.folder} began with another config ({shown}{more}); write this sweep to "
+            f"another --dir, or delete {run.folder} to run it again")
+
+
 def prepare(sweep: Sweep) -> None:
-    """Writes each run's folder: run.json (its overrides) and config.yaml (its resolved config)."""
+    """Writes each run's folder: run.json (its overrides) and config.yaml (its resolved config). Refuses, before
+    writing anything, if a run that has begun would get another config."""
+    for run in sweep.runs:
+        _check_unchanged(run)
     for run in sweep.runs:
         run.folder.mkdir(parents=True, exist_ok=True)
         (run.folder / "run.json").write_text(json.dumps({"name": run.name, "index": run.index,

@@ -1,5 +1,6 @@
 """`insvie-jax sweep`: a tiny 4-run sweep trains end to end, is tabulated and plotted, skips finished runs when
-run again, rebuilds identical tables from its folders, refuses a bad key before training, and emits launch lines;
+run again, refuses a changed config for runs that began, rebuilds identical tables from its folders, refuses a bad
+key before training, and emits launch lines;
 the launchers pass shellcheck."""
 
 import csv
@@ -73,6 +74,13 @@ def test_tiny_sweep_runs_reports_resumes_and_emits(tmp_path, env):
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr.count("finished, skipped") == 4 and "training" not in again.stderr
     assert {p: p.stat().st_mtime_ns for p in folder.rglob("metrics.jsonl")} == before
+
+    # A changed base config is refused for runs that began with another, and nothing is overwritten.
+    configs = {p: p.read_text() for p in folder.rglob("config.yaml")}
+    changed = _cli(["sweep", str(sweep_file), "train.lr=0.5", "--dir", str(root)], env)
+    assert changed.returncode == 2 and "began with another config (train.lr: 0.001 -> 0.5)" in changed.stderr, \
+        changed.stderr[-3000:]
+    assert {p: p.read_text() for p in folder.rglob("config.yaml")} == configs
 
     # `sweep report` rebuilds the same tables from the folders alone.
     tables = {name: (folder / name).read_text() for name in ("results.csv", "results.md")}
