@@ -77,7 +77,7 @@ def test_tiny_sweep_runs_reports_resumes_and_emits(tmp_path, env):
 
     # A changed base config is refused for runs that began with another, and nothing is overwritten.
     configs = {p: p.read_text() for p in folder.rglob("config.yaml")}
-    changed = _cli(["sweep", str(sweep_file), "train.lr=0.5", "--dir", str(root)], env)
+    changed = _cli(["sweep", str(sweep_file), "--dir", str(root), "train.lr=0.5"], env)  # overrides after options too
     assert changed.returncode == 2 and "began with another config (train.lr: 0.001 -> 0.5)" in changed.stderr, \
         changed.stderr[-3000:]
     assert {p: p.read_text() for p in folder.rglob("config.yaml")} == configs
