@@ -463,6 +463,13 @@ def save(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
+def latent_shape(config: Config) -> tuple[int, int, int, int]:
+    """(frames, height, width, channels) of the model input latents of config.data's clip."""
+    d, v = config.data, config.vae
+    return ((d.num_frames - 1) // v.temporal_compression + 1, d.height // v.spatial_compression,
+            d.width // v.spatial_compression, config.model.in_channels)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Validation of derived values
 

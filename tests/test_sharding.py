@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from insvie_jax import config as configlib
+from insvie_jax.config import latent_shape
 from insvie_jax.data.synthetic import SyntheticTriplets
 from insvie_jax.parallel import mesh as meshlib
 from insvie_jax.parallel.sharding import fit_spec, logical_to_spec
 from insvie_jax.train import step as steplib
-from insvie_jax.train.loop import latent_shape
 
 LOSS_TOL = 1e-5
 PARAM_TOL = 1e-5

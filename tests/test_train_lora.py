@@ -31,7 +31,7 @@ def _rel(a, b):
 
 
 def _inputs(cfg, seed=0):
-    f, h, w, c = loop.latent_shape(cfg)
+    f, h, w, c = configlib.latent_shape(cfg)
     k = jax.random.split(jax.random.key(seed), 3)
     return (jax.random.normal(k[0], (2, f, h, w, c)), jax.random.normal(k[1], (2, f, h, w, c)),
             jax.random.normal(k[2], (2, cfg.model.text_length, cfg.model.text_embed_dim)), jnp.array([10.0, 700.0]))
@@ -113,7 +113,7 @@ def test_lora_run_updates_adapters_and_proj_edit_only(tmp_path):
     assert moments == 3 * trainable_size  # accumulator + Adam mu, nu of the trainable weights only
 
     step_fn = steplib.make_train_step(cfg, graphdef, optimizer, mesh, state_sh, frozen_sh)
-    data = SyntheticTriplets(cfg.data.batch_size, loop.latent_shape(cfg), cfg.model.text_length,
+    data = SyntheticTriplets(cfg.data.batch_size, configlib.latent_shape(cfg), cfg.model.text_length,
                              cfg.model.text_embed_dim)
     shardings = steplib.batch_shardings(cfg, mesh)
     host = lambda s: jax.tree.map(np.asarray, jax.device_get(s))

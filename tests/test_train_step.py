@@ -25,7 +25,7 @@ def test_nan_batch_skips_the_update_and_is_counted():
     optimizer = steplib.make_optimizer(cfg)
     graphdef, state, frozen, state_sh, frozen_sh = steplib.init_state(cfg, mesh, optimizer)
     step_fn = steplib.make_train_step(cfg, graphdef, optimizer, mesh, state_sh, frozen_sh)
-    data = SyntheticTriplets(cfg.data.batch_size, loop.latent_shape(cfg), cfg.model.text_length,
+    data = SyntheticTriplets(cfg.data.batch_size, configlib.latent_shape(cfg), cfg.model.text_length,
                              cfg.model.text_embed_dim)
     shardings = steplib.batch_shardings(cfg, mesh)
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from insvie_jax.bench.timing import Prepared, latent_shape
+from insvie_jax.bench.timing import Prepared
+from insvie_jax.config import latent_shape
 
 
 def pipeline(cfg, options: dict) -> Prepared:
@@ -29,6 +30,7 @@ def _write_clips(root: Path, count: int, frames: int, height: int, width: int, f
     """`count` moving-noise source clips and their inverted edits (mp4) and an InsViE CSV listing them."""
     import numpy as np
 
+    from insvie_jax.data.synthetic_videos import write_insvie_csv
     from insvie_jax.data.video import write_video
 
     rng = np.random.default_rng(0)
@@ -41,8 +43,7 @@ def _write_clips(root: Path, count: int, frames: int, height: int, width: int, f
             write_video(root / folder / f"c{i}.mp4", video, fps, crf=23)
         names.append(f"c{i}.mp4")
     csv = root / "train.csv"
-    csv.write_text("video,caption,instruction,edited_caption,edit_folder\n"
-                   + "".join(f"{n},c,invert,c,edit\n" for n in names))
+    write_insvie_csv(csv, [[n, "c", "invert", "c", "edit"] for n in names])
     return csv
 
 

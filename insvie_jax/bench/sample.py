@@ -9,8 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from insvie_jax.bench.timing import Prepared, latent_shape
+from insvie_jax.bench.timing import Prepared
 from insvie_jax.bench.transformer import inference_config, transformer_inputs
+from insvie_jax.config import latent_shape
 from insvie_jax.models import transformer
 from insvie_jax.models.params import flat_params
 from insvie_jax.sample import loop

@@ -59,10 +59,3 @@ class Prepared:
     compared: Callable[[Any], Any] | None = None
     dtype: str = "float32"
     info: dict = dataclasses.field(default_factory=dict)
-
-
-def latent_shape(cfg) -> tuple[int, int, int, int]:
-    """(frames, height, width, channels) of the latents of cfg.data's clip."""
-    d, v = cfg.data, cfg.vae
-    return ((d.num_frames - 1) // v.temporal_compression + 1, d.height // v.spatial_compression,
-            d.width // v.spatial_compression, cfg.model.in_channels)

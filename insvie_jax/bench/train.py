@@ -9,22 +9,15 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+from flax import nnx
 
 from insvie_jax import config as configlib
-from insvie_jax.bench.timing import Prepared, latent_shape
+from insvie_jax.bench.timing import Prepared
 from insvie_jax.bench.transformer import transformer_inputs
 from insvie_jax.models import transformer
+from insvie_jax.models.params import flat_params
 from insvie_jax.parallel import distributed
 from insvie_jax.parallel import mesh as meshlib
-
-
-def _flat(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
-    """A pure nested parameter dict -> our flat names ("a.b.kernel"), on the host."""
-    out = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        out.update(_flat(value, name + ".") if isinstance(value, dict) else {name: np.asarray(value)})
-    return out
 
 
 def train_step(cfg, options: dict) -> Prepared:
@@ -51,9 +44,9 @@ def train_step(cfg, options: dict) -> Prepared:
         return metrics
 
     def weights():
-        return {**_flat(jax.device_get(frozen)), **_flat(jax.device_get(current["state"]["params"]))}
+        return flat_params(nnx.merge(graphdef, current["state"]["params"], frozen))
 
-    f, h, w, _ = latent_shape(cfg)
+    f, h, w, _ = configlib.latent_shape(cfg)
     flops = 3 * transformer.forward_flops(cfg.model, f, h, w) * batch_size
     return Prepared(step=step, flops=flops, samples=batch_size,
                     weights=None if cfg.lora.enabled or jax.process_count() > 1 else weights,

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from insvie_jax.bench.timing import Prepared, latent_shape
+from insvie_jax.bench.timing import Prepared
+from insvie_jax.config import latent_shape
 from insvie_jax.models import transformer
 from insvie_jax.models.attention import attention as attention_fn
 from insvie_jax.models.params import flat_params

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from insvie_jax.bench.timing import Prepared, latent_shape
+from insvie_jax.bench.timing import Prepared
+from insvie_jax.config import latent_shape
 from insvie_jax.models import vae as vae_model
 from insvie_jax.models.params import flat_params
 

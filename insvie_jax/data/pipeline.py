@@ -252,24 +252,22 @@ class SyntheticIterator:
     batch of each step; the state is the step."""
 
     def __init__(self, cfg, process_index: int, process_count: int):
+        from insvie_jax.config import latent_shape
         from insvie_jax.data.synthetic import SyntheticTriplets
 
-        d, v = cfg.data, cfg.vae
-        shape = ((d.num_frames - 1) // v.temporal_compression + 1, d.height // v.spatial_compression,
-                 d.width // v.spatial_compression, cfg.model.in_channels)
-        self.data = SyntheticTriplets(d.batch_size, shape, cfg.model.text_length, cfg.model.text_embed_dim,
-                                      seed=cfg.train.seed)
+        self.data = SyntheticTriplets(cfg.data.batch_size, latent_shape(cfg), cfg.model.text_length,
+                                      cfg.model.text_embed_dim, seed=cfg.train.seed)
         batch = _host_batch(cfg, process_count)
-        self.rows = slice(process_index * batch, (process_index + 1) * batch)
+        self.rows = range(process_index * batch, (process_index + 1) * batch)
         self.step = 0
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
-        batch = self.data.batch(self.step)
+        rows = self.data.rows(self.step, self.rows)  # this host's rows only (each row is drawn on its own)
         self.step += 1
-        return {key: value[self.rows] for key, value in batch.items()}
+        return rows
 
     def get_state(self) -> dict:
         return {"step": self.step}

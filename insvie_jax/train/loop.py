@@ -25,7 +25,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from insvie_jax import config as configlib
@@ -45,12 +44,6 @@ class TrainingStopped(RuntimeError):
     """The run cannot go on (e.g. non-finite losses in a row); the message says where and what to do."""
 
 
-def latent_shape(cfg: configlib.Config) -> tuple[int, int, int, int]:
-    d, v = cfg.data, cfg.vae
-    return ((d.num_frames - 1) // v.temporal_compression + 1, d.height // v.spatial_compression,
-            d.width // v.spatial_compression, cfg.model.in_channels)
-
-
 class _SyntheticBatches:
     """Synthetic data: the global batch of each step, a pure function of (train.seed, step); nothing to save.
     Each process draws only the rows its devices hold (rows are drawn independently, so the global batch is the
@@ -59,11 +52,11 @@ class _SyntheticBatches:
     iterator = None
 
     def __init__(self, cfg: configlib.Config, shardings):
-        self.data = SyntheticTriplets(cfg.data.batch_size, latent_shape(cfg), cfg.model.text_length,
+        self.data = SyntheticTriplets(cfg.data.batch_size, configlib.latent_shape(cfg), cfg.model.text_length,
                                       cfg.model.text_embed_dim, seed=cfg.train.seed)
         self.shardings = shardings
         b = cfg.data.batch_size
-        self.shapes = {"source": (b, *latent_shape(cfg)), "target": (b, *latent_shape(cfg)),
+        self.shapes = {"source": (b, *configlib.latent_shape(cfg)), "target": (b, *configlib.latent_shape(cfg)),
                        "text": (b, cfg.model.text_length, cfg.model.text_embed_dim)}
 
     def batch(self, step: int) -> dict:
@@ -163,7 +156,7 @@ class _Run:
         t0 = time.perf_counter()
         compiled = step_fn.lower(state, frozen, first_batch, np.int32(start)).compile()
         self.compile_s += time.perf_counter() - t0
-        flops = metricslib.step_flops(cfg, latent_shape(cfg)[:3], mesh.size)
+        flops = metricslib.step_flops(cfg, configlib.latent_shape(cfg)[:3], mesh.size)
         device = jax.local_devices()[0]
         peak = metricslib.peak_tflops(device)
         validator = None
@@ -257,8 +250,7 @@ def run(cfg: configlib.Config) -> dict:
     main = distributed.is_main_process()
     if cfg.data.generate:  # the default run's moving-shape clips, written and encoded once by the main process
         cfg = synthetic_videos.prepare(cfg, main)
-        if jax.process_count() > 1:
-            multihost_utils.sync_global_devices("insvie-jax data.generate")
+        distributed.barrier("insvie-jax data.generate")  # the others may wait minutes: no device collective
     stages = configlib.resolve_stages(cfg)
     run_dir = Path(cfg.train.run_dir)
     if main:
