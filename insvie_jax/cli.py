@@ -181,6 +181,24 @@ def _bench_parser(sub) -> None:
     bench.set_defaults(func=cmd_bench)
 
 
+def cmd_compile(args) -> int:
+    from insvie_jax import aot
+    from insvie_jax.parallel.topology import TopologyError
+
+    path, overrides = _split_config(args)
+    cfg = configlib.load(path, overrides)
+    try:
+        report = aot.check(cfg, args.topology, slices=args.slices, edit=args.edit, mfu=args.mfu)
+    except TopologyError as err:
+        print(f"insvie-jax compile: {err}", file=sys.stderr)
+        return 2
+    print(aot.format_report(report))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0 if report["fits"] else 1
+
+
 def cmd_sweep(args) -> int:
     from insvie_jax import sweep
 
@@ -250,6 +268,16 @@ def build_parser() -> argparse.ArgumentParser:
     filt.add_argument("--quiet", action="store_true", help="no progress bar")
     filt.set_defaults(func=cmd_filter)
     _bench_parser(sub)
+    comp = sub.add_parser("compile", help="compile a config's train step for a TPU pod slice on this machine "
+                          "(no TPU needed): per-chip memory, FITS / DOES NOT FIT, collectives, FLOPs")
+    _config_args(comp)
+    comp.add_argument("--topology", required=True, help="TPU slice: v5p:4x4x4, v5e:4x4, v6e:4x4, v4:2x2x2, or an "
+                      "accelerator type (v5p-128, v5e-16, v6e-16)")
+    comp.add_argument("--slices", type=int, default=1, help="number of such slices (multi-slice over DCN)")
+    comp.add_argument("--edit", action="store_true", help="also compile one 3-way-guided sampling step")
+    comp.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for the step-time estimate")
+    comp.add_argument("--out", help="write the report as JSON here")
+    comp.set_defaults(func=cmd_compile)
     sweep = sub.add_parser("sweep", help="train a grid or list of config variants, tabulate and plot their metrics",
                            usage="insvie-jax sweep FILE [KEY=VALUE ...] [--dir D] [--emit local|slurm|tpu]\n"
                                  "       insvie-jax sweep report SWEEP_FOLDER")

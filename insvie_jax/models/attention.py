@@ -51,10 +51,19 @@ class SplashBlocks:
         return cls(cfg.splash_block_q, cfg.splash_block_kv, cfg.splash_block_kv_compute, cfg.splash_fused_bwd)
 
 
+def target_platform() -> str:
+    """The platform the code is compiled for: the active mesh's devices (abstract TPU chips when compiling ahead
+    of time on a CPU machine), else JAX's default backend."""
+    active = active_rules()
+    if active is not None:
+        return active[0].devices.flat[0].platform
+    return jax.default_backend()
+
+
 def resolve_implementation(requested: str, dtype) -> str:
     if requested != "auto":
         return requested
-    backend = jax.default_backend()
+    backend = target_platform()
     if backend == "tpu":
         return "splash"
     return "cudnn" if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
@@ -118,7 +127,7 @@ def _splash_kernel(heads: int, q_len: int, kv_len: int, block_q: int, block_kv: 
 def _splash_attention(q, k, v, blocks: SplashBlocks):
     """Splash on (B, L, H, Dh). Lengths are padded to whole blocks; padded keys get their own segment id so
     no real query sees them, padded queries keep segment 0 (every row has keys to attend to) and are dropped."""
-    backend = jax.default_backend()
+    backend = target_platform()
     if backend == "gpu":
         raise ValueError("model.attention='splash' is the TPU Pallas kernel; on GPU use 'cudnn' or 'auto'")
     _, q_len, heads, head_dim = q.shape

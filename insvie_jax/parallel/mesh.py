@@ -1,7 +1,8 @@
 """The device mesh: one mesh with named axes (data, fsdp, tensor, context), laid out on the physical devices.
 
-Sizes come from `MeshConfig`: `ici_*` within a slice/host (fast links), `dcn_*` across slices/hosts; one
-`ici_*` and one `dcn_*` may be -1 (the rest). Axis types are Auto: collectives are inserted by the compiler
+Sizes come from `MeshConfig`: `ici_*` within a granule (fast links), `dcn_*` across granules; one `ici_*` and
+one `dcn_*` may be -1 (the rest). A granule is a TPU slice (all of its hosts: ICI joins them) or, on GPU and
+CPU, one process (host). Axis types are Auto: collectives are inserted by the compiler
 from shardings (explicit-mode meshes reject the gathers of embedding lookups).
 """
 
@@ -48,21 +49,23 @@ def mesh_shapes(cfg: MeshConfig, num_devices: int, num_granules: int) -> tuple[l
 
 
 def _granules(devices) -> tuple[int, bool]:
-    """(count, by process): the units dcn_* spans are slices where devices tell several (multi-slice TPU),
-    else processes (hosts)."""
-    slices = {getattr(d, "slice_index", 0) for d in devices}
-    if len(slices) > 1:
-        return len(slices), False
+    """(count, by process): the units that dcn_* spans. On TPU these are slices: every chip of one slice is
+    joined by ICI, across its hosts too, so a multi-host slice is one granule. Elsewhere (GPU, CPU) they are
+    processes (hosts): the links between hosts are the slow ones."""
+    if devices[0].platform == "tpu":
+        return len({getattr(d, "slice_index", 0) for d in devices}), False
     return len({d.process_index for d in devices}), True
 
 
 def create_mesh(cfg: MeshConfig, devices=None) -> Mesh:
-    """The 4-axis mesh. With no -1 among the ici sizes and a product below the device count (single-granule
-    runs only), the first devices are used: a tiny config may ask for one device on a many-device host."""
+    """The 4-axis mesh over `devices` (default: all; abstract TPU devices for ahead-of-time compilation). With no
+    -1 among the ici sizes and a product below the device count (single-process runs only), the first devices
+    are used: a tiny config may ask for one device on a many-device host."""
     devices = list(devices if devices is not None else jax.devices())
     granules, by_process = _granules(devices)
     ici_sizes = [cfg.ici_data, cfg.ici_fsdp, cfg.ici_tensor, cfg.ici_context]
-    if granules == 1 and -1 not in ici_sizes and math.prod(ici_sizes) < len(devices):
+    single_process = len({d.process_index for d in devices}) == 1
+    if single_process and -1 not in ici_sizes and math.prod(ici_sizes) < len(devices):
         devices = devices[: math.prod(ici_sizes)]
     ici, dcn = mesh_shapes(cfg, len(devices), granules)
     if math.prod(ici) * math.prod(dcn) != len(devices):
@@ -79,3 +82,11 @@ def create_mesh(cfg: MeshConfig, devices=None) -> Mesh:
 def data_parallel_size(mesh: Mesh) -> int:
     """How many groups the batch is split into (the `batch` rule's axes: data x fsdp)."""
     return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def check_batch_size(mesh: Mesh, batch_size: int, where: str = "") -> None:
+    """The global batch must split evenly over the data-parallel groups."""
+    groups = data_parallel_size(mesh)
+    if batch_size % groups:
+        raise ConfigError(f"{where}data.batch_size={batch_size} must be a multiple of the data-parallel size {groups} "
+                          f"(mesh data x fsdp = {dict(mesh.shape)})")

@@ -259,10 +259,7 @@ def run(cfg: configlib.Config) -> dict:
     mesh = meshlib.create_mesh(cfg.mesh)
     groups = meshlib.data_parallel_size(mesh)
     for stage in stages:
-        if stage.config.data.batch_size % groups:
-            where = f"stage '{stage.name}': " if cfg.stages else ""
-            raise configlib.ConfigError(f"{where}data.batch_size={stage.config.data.batch_size} must be a multiple of "
-                                        f"the data-parallel size {groups} (mesh data x fsdp = {dict(mesh.shape)})")
+        meshlib.check_batch_size(mesh, stage.config.data.batch_size, f"stage '{stage.name}': " if cfg.stages else "")
     total = stages[-1].end
     job = _Run(cfg, stages, run_dir, mesh, groups, main)
     checkpoints = job.checkpoints
