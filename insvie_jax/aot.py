@@ -45,6 +45,7 @@ class Check:
     model_flops_per_chip: float
     xla_flops: float | None
     xla_optimal_seconds: float | None
+    compiler_message: str | None = None  # the TPU compiler's own word when it ran out of HBM
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -208,7 +209,7 @@ def largest_buffers(hlo: str, top: int = 6) -> list[dict]:
     """The largest arrays the program materialises (results of unfused instructions), with the source op."""
     bodies, entry = _computations(hlo)
     runs = _executions(bodies, entry)
-    seen: dict[tuple, dict] = {}
+    seen: dict[str, dict] = {}
     for name, lines in bodies.items():
         if not runs.get(name) or name.startswith(("fused", "wrapped")):
             continue
@@ -220,9 +221,10 @@ def largest_buffers(hlo: str, top: int = 6) -> list[dict]:
                 size = _shape_bytes(shape)
                 op = _OP_NAME.search(line)
                 where = op.group(1).split("/")[-3:] if op else [inst.group(3)]
-                key = (shape, "/".join(where))
-                if size and key not in seen:
-                    seen[key] = {"shape": shape, "bytes": size, "op": "/".join(where)}
+                # One array flows through several instructions (a loop's init, carry and result share a
+                # buffer): listed once per shape, under the first op that makes it.
+                if size and shape not in seen:
+                    seen[shape] = {"shape": shape, "bytes": size, "op": "/".join(where)}
     return sorted(seen.values(), key=lambda b: -b["bytes"])[:top]
 
 
@@ -236,8 +238,38 @@ def _cost(compiled) -> tuple[float | None, float | None]:
     return cost.get("flops"), cost.get("optimal_seconds")
 
 
+_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def _out_of_memory(lowered, message: str, groups: dict) -> tuple[dict, list]:
+    """Memory as far as a compile that ran out of HBM tells it: the temporaries it asked for (the compiler stops
+    before it lays out the rest), the arguments from their shardings, and the allocation that failed, from a
+    second compile told not to stop at the first one."""
+    temporaries = re.search(r"HLO temporaries \(([\d.]+)([KMGT])", message)
+    arguments = sum(_per_chip_bytes(v) for v in groups.values())
+    memory = {"arguments": arguments, "temporaries": 0, "outputs": 0, "aliased": 0, "code": 0}
+    if temporaries:
+        memory["temporaries"] = int(float(temporaries.group(1)) * _UNITS[temporaries.group(2)])
+    largest = []
+    try:
+        lowered.compile(compiler_options={"xla_tpu_no_crash_on_oom": True})
+    except Exception as err:  # noqa: BLE001 - this compile is expected to fail; its message names the buffer
+        for shape, op in re.findall(r"shape: ([a-z0-9]+\[[0-9,]*\]).*?:: ([\w.\-]+)", str(err)):
+            largest.append({"shape": shape, "bytes": _shape_bytes(shape), "op": op})
+    memory["total"] = memory["arguments"] + memory["temporaries"]
+    return memory, largest
+
+
 def check_program(program: str, lowered, groups: dict, model_flops_per_chip: float) -> Check:
-    compiled = lowered.compile()
+    state = {k: _per_chip_bytes(v) for k, v in groups.items()}
+    try:
+        compiled = lowered.compile()
+    except Exception as err:  # noqa: BLE001 - only running out of HBM is a finding; anything else is re-raised
+        if "RESOURCE_EXHAUSTED" not in str(err):
+            raise
+        memory, largest = _out_of_memory(lowered, str(err), groups)
+        return Check(program, memory, state, largest, {}, model_flops_per_chip, None, None,
+                     str(err).strip().splitlines()[0])
     analysis = compiled.memory_analysis()
     memory = {"arguments": analysis.argument_size_in_bytes, "temporaries": analysis.temp_size_in_bytes,
               "outputs": analysis.output_size_in_bytes, "aliased": analysis.alias_size_in_bytes,
@@ -247,8 +279,8 @@ def check_program(program: str, lowered, groups: dict, model_flops_per_chip: flo
                        + memory["code"])
     hlo = compiled.as_text()
     flops, optimal = _cost(compiled)
-    return Check(program, memory, {k: _per_chip_bytes(v) for k, v in groups.items()}, largest_buffers(hlo),
-                 collectives(hlo), model_flops_per_chip, flops, optimal)
+    return Check(program, memory, state, largest_buffers(hlo), collectives(hlo), model_flops_per_chip, flops,
+                 optimal)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -278,7 +310,7 @@ def check(cfg: configlib.Config, topology: str, slices: int = 1, edit: bool = Fa
     }
     for p in programs:
         entry = dataclasses.asdict(p)
-        entry["fits"] = bool(chip is None or p.memory["total"] <= chip.hbm_bytes)
+        entry["fits"] = p.compiler_message is None and (chip is None or p.memory["total"] <= chip.hbm_bytes)
         if chip:
             entry["step_s_at_peak"] = p.model_flops_per_chip / (chip.peak_tflops * 1e12)
             entry["step_s_at_mfu"] = entry["step_s_at_peak"] / mfu
@@ -310,7 +342,8 @@ def advice(cfg: configlib.Config, p: Check, chip: topologylib.Chip, attention: s
                         "backward pass: use model.remat_policy=full (least memory) or attention")
         tips.append("fewer clips per chip: lower data.batch_size, or split each clip's sequence over chips "
                     "(mesh.ici_context > 1, taken from ici_fsdp or ici_data)")
-    tips.insert(0, f"needs {p.memory['total'] / GIB:.1f} GiB per chip, {over / GIB:.1f} GiB more than the "
+    need = "at least " if p.compiler_message else ""
+    tips.insert(0, f"needs {need}{p.memory['total'] / GIB:.1f} GiB per chip, {over / GIB:.1f} GiB more than the "
                    f"{chip.hbm_bytes / GIB:.0f} GiB of a {chip.name} chip")
     return tips
 
@@ -334,8 +367,10 @@ def format_report(report: dict) -> str:
         lines.append("  largest buffers: " + "; ".join(f"{b['shape']} {b['bytes'] / GIB:.2f} GiB ({b['op']})"
                                                        for b in p["largest"][:3]))
         used = {k: v for k, v in p["collectives"].items() if v["count"]}
-        lines.append("  collectives per step: " + (", ".join(
-            f"{k} {v['count']}x {v['bytes'] / GIB:.2f} GiB" for k, v in used.items()) or "none"))
+        collective_text = ", ".join(f"{k} {v['count']}x {v['bytes'] / GIB:.2f} GiB" for k, v in used.items())
+        if p["compiler_message"]:
+            collective_text = "not known (the compile stopped)"
+        lines.append("  collectives per step: " + (collective_text or "none"))
         flops = f"  model FLOPs per chip per step: {p['model_flops_per_chip'] / 1e12:.1f} TFLOP"
         if "step_s_at_peak" in p:
             flops += (f"; step time {p['step_s_at_peak']:.3f} s at the chip's peak, {p['step_s_at_mfu']:.3f} s at "
@@ -344,5 +379,7 @@ def format_report(report: dict) -> str:
         if p["xla_optimal_seconds"] is not None:
             note = " (counts the scanned layer loop once: not a step time)" if report["scan_layers"] else ""
             lines.append(f"  XLA optimal_seconds {p['xla_optimal_seconds']:.3f}{note}")
+        if p["compiler_message"]:
+            lines.append(f"  the TPU compiler: {p['compiler_message']}")
         lines += [f"  - {tip}" for tip in p["advice"]]
     return "\n".join(lines)

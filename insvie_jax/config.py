@@ -56,9 +56,10 @@ class ModelConfig:
     dtype: str = "bfloat16"
     attention: str = "auto"  # "auto" | "cudnn" | "xla" | "splash" | "ring" | "context_gather" (models/attention.py)
     # TPU splash-attention tiles (multiples of 128; block_kv_compute divides block_kv); backward uses the same.
-    splash_block_q: int = 512
-    splash_block_kv: int = 512
-    splash_block_kv_compute: int = 512
+    # 0: the tile for the TPU generation compiled for (models/attention.py SPLASH_TILES).
+    splash_block_q: int = 0
+    splash_block_kv: int = 0
+    splash_block_kv_compute: int = 0
     splash_fused_bwd: bool = False  # one fused dQ/dK/dV backward kernel instead of two
     scan_layers: bool = True
     remat_policy: str = "none"  # "none" | "full" | "attention" | "dots" | "dots_no_batch"
@@ -554,10 +555,11 @@ def validate(config: Config) -> None:
             f"model hidden size {m.hidden_size} (heads x head_dim) must be divisible by 16 for sin-cos positions"
         )
     splash_blocks = {k: getattr(m, k) for k in ("splash_block_q", "splash_block_kv", "splash_block_kv_compute")}
-    bad = [f"{k}={b}" for k, b in splash_blocks.items() if b <= 0 or b % 128]
+    bad = [f"{k}={b}" for k, b in splash_blocks.items() if b < 0 or b % 128]
     if bad:
-        raise ConfigError(f"model.{', model.'.join(bad)}: splash block sizes must be positive multiples of 128")
-    if m.splash_block_kv % m.splash_block_kv_compute:
+        raise ConfigError(f"model.{', model.'.join(bad)}: splash block sizes must be positive multiples of 128 "
+                          "(or 0: chosen for the TPU generation)")
+    if m.splash_block_kv_compute and m.splash_block_kv and m.splash_block_kv % m.splash_block_kv_compute:
         raise ConfigError(f"model.splash_block_kv_compute={m.splash_block_kv_compute} must divide "
                           f"model.splash_block_kv={m.splash_block_kv}")
     if m.positions == "rope" and m.attention_head_dim % 16:

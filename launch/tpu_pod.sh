@@ -8,9 +8,17 @@
 # with --node-count N --node-prefix TPU_NAME) joined over the data-centre network; give the config
 # mesh.dcn_data=N (or another dcn_* axis). The run folder (train.run_dir) must be a path every worker can write
 # and that survives the VMs (a gcsfuse or Filestore mount). Env: INSVIE_PROJECT (gcloud --project).
+# --check (first argument): compile the train step for the slice here first (`insvie-jax compile`, needs
+# jax[tpu] on this machine, no TPU) and start nothing unless it fits; the topology is the slice's accelerator type
+# (gcloud describe) or INSVIE_TOPOLOGY (e.g. v5p:4x4x4).
 set -euo pipefail
+check=0
+if [[ "${1:-}" == "--check" ]]; then
+  check=1
+  shift
+fi
 if [[ $# -lt 3 ]]; then
-  echo "usage: launch/tpu_pod.sh TPU_NAME ZONE CONFIG [KEY=VALUE ...]" >&2
+  echo "usage: launch/tpu_pod.sh [--check] TPU_NAME ZONE CONFIG [KEY=VALUE ...]" >&2
   exit 2
 fi
 name=$1 zone=$2 config=$3
@@ -21,6 +29,16 @@ gcloud_tpu=(gcloud compute tpus tpu-vm)
 where=(--zone "$zone")
 if [[ -n "${INSVIE_PROJECT:-}" ]]; then
   where+=(--project "$INSVIE_PROJECT")
+fi
+
+if [[ "$check" -eq 1 ]]; then
+  first=$name
+  if [[ "$slices" -gt 1 ]]; then first=$name-0; fi
+  topology=${INSVIE_TOPOLOGY:-$("${gcloud_tpu[@]}" describe "$first" "${where[@]}" --format='value(acceleratorType)')}
+  if ! (cd "$root" && python3 -m insvie_jax.cli compile "$config" --topology "$topology" --slices "$slices" "$@"); then
+    echo "launch/tpu_pod.sh: the config does not compile or fit on $topology (see above); nothing was started" >&2
+    exit 1
+  fi
 fi
 
 nodes=("$name")

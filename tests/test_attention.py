@@ -125,14 +125,22 @@ def test_ring_names_length_and_context_size_when_not_divisible():
         attention(q, k, v, "ring")
 
 
-@pytest.mark.parametrize("override,message", [
-    ("model.splash_block_q=200", "splash_block_q=200.*multiples of 128"),
-    ("model.splash_block_kv_compute=384", "splash_block_kv_compute=384 must divide model.splash_block_kv=512"),
-    ("model.attention=rings", "expected one of .*splash, ring, context_gather"),
+@pytest.mark.parametrize("overrides,message", [
+    (["model.splash_block_q=200"], "splash_block_q=200.*multiples of 128"),
+    (["model.splash_block_kv=512", "model.splash_block_kv_compute=384"],
+     "splash_block_kv_compute=384 must divide model.splash_block_kv=512"),
+    (["model.attention=rings"], "expected one of .*splash, ring, context_gather"),
 ])
-def test_config_rejects_bad_attention_settings(override, message):
+def test_config_rejects_bad_attention_settings(overrides, message):
     with pytest.raises(config.ConfigError, match=message):
-        config.load("tiny", [override])
+        config.load("tiny", overrides)
+
+
+def test_splash_tiles_follow_the_chip_generation_unless_set():
+    assert SplashBlocks().for_chip("TPU v6 lite") == SplashBlocks(1024, 1024, 512)
+    assert SplashBlocks().for_chip("TPU v5 lite") == SplashBlocks(512, 1024, 512)
+    assert SplashBlocks(256, 0, 128).for_chip("TPU v5") == SplashBlocks(256, 1024, 128)
+    assert SplashBlocks().for_chip("cpu") == SplashBlocks(512, 512, 512)
 
 
 # ---------------------------------------------------------------------------------------------------

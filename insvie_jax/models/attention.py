@@ -39,25 +39,45 @@ _SPLASH_LANES = 128  # splash block sizes are multiples of the TPU lane width
 
 @dataclasses.dataclass(frozen=True)
 class SplashBlocks:
-    """Splash kernel tile sizes (multiples of 128); the backward kernels use the same tiles."""
+    """Splash kernel tile sizes (multiples of 128; 0 = the chip generation's, `SPLASH_TILES`); the backward
+    kernels use the same tiles."""
 
-    block_q: int = 512
-    block_kv: int = 512
-    block_kv_compute: int = 512
+    block_q: int = 0
+    block_kv: int = 0
+    block_kv_compute: int = 0
     fused_bwd: bool = False
 
     @classmethod
     def from_config(cls, cfg) -> "SplashBlocks":
         return cls(cfg.splash_block_q, cfg.splash_block_kv, cfg.splash_block_kv_compute, cfg.splash_fused_bwd)
 
+    def for_chip(self, device_kind: str) -> "SplashBlocks":
+        q, kv, kv_compute = SPLASH_TILES.get(device_kind, SPLASH_TILES["default"])
+        return dataclasses.replace(self, block_q=self.block_q or q, block_kv=self.block_kv or kv,
+                                   block_kv_compute=self.block_kv_compute or kv_compute)
+
+
+# (block_q, block_kv, block_kv_compute) per TPU generation (device_kind). Larger K/V tiles amortise each grid
+# step's overhead where VMEM allows; v6e's 256-wide MXU takes wider query tiles. Starting points, not yet tuned
+# on hardware (no TPU has run this code): set model.splash_block_* to override.
+SPLASH_TILES = {
+    "TPU v4": (512, 512, 512),
+    "TPU v5 lite": (512, 1024, 512),
+    "TPU v5": (512, 1024, 512),
+    "TPU v6 lite": (1024, 1024, 512),
+    "default": (512, 512, 512),
+}
+
+
+def target_device():
+    """A device of the kind the code is compiled for: the active mesh's (abstract TPU chips when compiling ahead
+    of time on a CPU machine), else JAX's default device."""
+    active = active_rules()
+    return active[0].devices.flat[0] if active is not None else jax.devices()[0]
+
 
 def target_platform() -> str:
-    """The platform the code is compiled for: the active mesh's devices (abstract TPU chips when compiling ahead
-    of time on a CPU machine), else JAX's default backend."""
-    active = active_rules()
-    if active is not None:
-        return active[0].devices.flat[0].platform
-    return jax.default_backend()
+    return target_device().platform
 
 
 def resolve_implementation(requested: str, dtype) -> str:
@@ -132,6 +152,7 @@ def _splash_attention(q, k, v, blocks: SplashBlocks):
         raise ValueError("model.attention='splash' is the TPU Pallas kernel; on GPU use 'cudnn' or 'auto'")
     _, q_len, heads, head_dim = q.shape
     kv_len = k.shape[1]
+    blocks = blocks.for_chip(getattr(target_device(), "device_kind", ""))
     # Short sequences need no full-size tiles: clamp each tile to the (lane-rounded) length.
     block_q = min(blocks.block_q, _round_up(q_len, _SPLASH_LANES))
     block_kv = min(blocks.block_kv, _round_up(kv_len, _SPLASH_LANES))
