@@ -28,6 +28,7 @@ from insvie_jax.models.wan import vae as wan_vae  # noqa: E402
 from _compare import rel  # noqa: E402
 
 TOL = 1e-4
+BF16_TOL = 5e-2
 MODES_DIFFER = 1e-3  # tiles must visibly change diffusers' numbers, or the tiled comparison proves nothing
 Z = 12
 _stats = np.random.default_rng(7)
@@ -146,6 +147,20 @@ def test_decode_matches_diffusers(reference, mode, frames):
     assert rel(out, expected) <= TOL
     if mode == "tiled":
         assert rel(expected, untiled(reference, lambda: reference.decode(to_torch(z)).sample)) > MODES_DIFFER
+
+
+def test_bfloat16_compute(reference):
+    """bf16 compute (the default) runs the frame-batched decode (its scan carries bf16 caches) close to
+    diffusers' fp32, and returns float32."""
+    flat = wan_vae_keys.vae_from_diffusers({k: v.numpy() for k, v in reference.state_dict().items()})
+    bf16 = module_from_flat(wan_vae.abstract(dataclasses.replace(TINY, **MODES["frames"], dtype="bfloat16")), flat)
+    z = latents(3)
+    set_reference_mode(reference, "frames")
+    with torch.no_grad():
+        expected = to_ours(reference.decode(to_torch(z)).sample)
+    out = _decode(bf16, z)
+    assert out.dtype == np.float32 and bf16.decoder.conv_in.kernel.dtype == np.float32  # fp32 parameters
+    assert rel(out, expected) <= BF16_TOL
 
 
 def test_bad_clip_length_is_named(reference):
