@@ -44,9 +44,9 @@ MODES = {
     # tiles run one pass each (the same numbers as frame batches, and half the compiling)
     "tiled": dict(encode_frame_batch=0, decode_frame_batch=0, tiling=True),
 }
-# Pixels 48 x 64 are patchified 24 x 32, latents 3 x 4: with 32/16 tiles, a 2 x 2 grid of tiles in encode
-# and a 3 x 4 grid in decode, blended across both axes.
-HEIGHT, WIDTH = 48, 64
+# Pixels 32 x 64 are patchified 16 x 32, latents 2 x 4: with 32/16 tiles (diffusers measures the encoder's
+# on the patchified frames), a 1 x 2 row of tiles in encode and a 2 x 4 grid in decode, blended on both axes.
+HEIGHT, WIDTH = 32, 64
 
 
 def to_torch(x: np.ndarray):

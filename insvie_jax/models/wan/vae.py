@@ -91,6 +91,21 @@ class PointwiseConv(nnx.Module):
         return x.astype(self.dtype) @ self.kernel[...].astype(self.dtype) + self.bias[...].astype(self.dtype)
 
 
+class StridedTimeConv(nnx.Module):
+    """A (3, 1, 1) convolution over time with stride 2 and no padding (the temporal downsamplers' `time_conv`)."""
+
+    def __init__(self, channels: int, cfg: WanVAEConfig, *, rngs: nnx.Rngs):
+        pdt, self.dtype = _dtypes(cfg)
+        self.kernel = param(rngs, _KERNEL_INIT, (3, 1, 1, channels, channels), pdt,
+                            (None, None, None, "conv_in", "conv_out"))
+        self.bias = param(rngs, nnx.initializers.zeros, (channels,), pdt, ("conv_out",))
+
+    def __call__(self, x):
+        y = jax.lax.conv_general_dilated(x.astype(self.dtype), self.kernel[...].astype(self.dtype), (2, 1, 1),
+                                         "VALID", dimension_numbers=_CONV3D)
+        return y + self.bias[...].astype(self.dtype)
+
+
 class FrameConv(nnx.Module):
     """A 3x3 convolution of every frame on its own (the resamplers' `resample.1`, a torch Conv2d)."""
 
@@ -188,23 +203,20 @@ class Downsample(nnx.Module):
 
     def __init__(self, channels: int, temporal: bool, cfg: WanVAEConfig, *, rngs: nnx.Rngs):
         self.resample = FrameConv(channels, channels, cfg, rngs=rngs)
-        self.time_conv = CausalConv3d(channels, channels, (3, 1, 1), cfg, rngs=rngs) if temporal else None
+        self.time_conv = StridedTimeConv(channels, cfg, rngs=rngs) if temporal else None
 
     def __call__(self, x, cache):
         x = self.resample(jnp.pad(x, ((0, 0), (0, 0), (0, 1), (0, 1), (0, 0))), stride=2, padding=((0, 0), (0, 0)))
         if self.time_conv is None:
             return x, None
         last = x[:, -1:]
-        if cache is None:
-            first, x = x[:, :1], x
+        if cache is None:  # a clip's first pass: frame 0 passes alone, the windows start at it
+            out, x = x[:, :1], x
         else:
-            first, x = x[:, :0], jnp.concatenate([cache.astype(x.dtype), x], axis=1)
-        conv = self.time_conv
+            out, x = x[:, :0], jnp.concatenate([cache.astype(x.dtype), x], axis=1)
         if x.shape[1] >= 3:
-            y = jax.lax.conv_general_dilated(x, conv.kernel[...].astype(conv.dtype), (2, 1, 1), "VALID",
-                                             dimension_numbers=_CONV3D) + conv.bias[...].astype(conv.dtype)
-            first = jnp.concatenate([first, y.astype(first.dtype)], axis=1)
-        return first, last
+            out = jnp.concatenate([out, self.time_conv(x).astype(out.dtype)], axis=1)
+        return out, last
 
 
 class Upsample(nnx.Module):
