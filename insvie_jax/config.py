@@ -104,6 +104,52 @@ class VAEConfig:
     dtype: str = "bfloat16"
 
 
+# Wan2.2-TI2V-5B's per-channel latent statistics (its vae/config.json `latents_mean` / `latents_std`)
+WAN22_LATENTS_MEAN = (
+    -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557, -0.1382, 0.0542, 0.2813, 0.0891,
+    0.1570, -0.0098, 0.0375, -0.1825, -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
+    -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230, -0.0313, -0.1649, 0.0117, 0.0723,
+    -0.2839, -0.2083, -0.0520, 0.3748, 0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667,
+)
+WAN22_LATENTS_STD = (
+    0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013, 0.8158, 1.0344, 0.5894, 1.0901,
+    0.6885, 0.6165, 0.8454, 0.4978, 0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+    0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093, 0.5709, 0.6065, 0.6415, 0.4944,
+    0.5726, 1.2042, 0.5458, 1.6887, 0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744,
+)
+
+
+@dataclasses.dataclass
+class WanVAEConfig:
+    """The Wan2.2 VAE (diffusers `AutoencoderKLWan` with `is_residual`); architecture names follow diffusers,
+    defaults are Wan2.2-TI2V-5B's (16x spatial with the 2x2 patchify, 4x temporal, 48 latent channels). A loaded
+    checkpoint's config.json replaces the architecture keys and the latent statistics. The VAE returns raw
+    latents: `latents_mean` / `latents_std` are applied where latents enter or leave the diffusion model
+    (`models.wan.vae.normalize_latents` / `denormalize_latents`)."""
+
+    path: str = ""  # diffusers `vae/` folder (or a pipeline folder holding one); empty = random init
+    base_dim: int = 160
+    decoder_base_dim: int = 256
+    z_dim: int = 48
+    dim_mult: list = dataclasses.field(default_factory=lambda: [1, 2, 4, 4])
+    num_res_blocks: int = 2
+    temperal_downsample: list = dataclasses.field(default_factory=lambda: [False, True, True])  # diffusers' spelling
+    patch_size: int = 2  # pixels are folded 2x2 into channels (3 -> 12) before the encoder
+    latents_mean: list = dataclasses.field(default_factory=lambda: list(WAN22_LATENTS_MEAN))
+    latents_std: list = dataclasses.field(default_factory=lambda: list(WAN22_LATENTS_STD))
+    # Memory modes. Nothing normalises across frames, so frame batches give the numbers of one pass (diffusers
+    # always runs 1 + 4 + 4 ... frames); tiles change them, as diffusers' `enable_tiling` does.
+    encode_frame_batch: int = 4  # pixel frames per encoder pass after the first frame (a multiple of 4); 0 = all
+    decode_frame_batch: int = 1  # latent frames per decoder pass after the first; 0 = all at once
+    tiling: bool = False  # spatial tiles with blended overlaps (diffusers `enable_tiling`)
+    tile_sample_height: int = 256  # diffusers' `tile_sample_min_height` / `_width` / `tile_sample_stride_*`
+    tile_sample_width: int = 256
+    tile_stride_height: int = 192
+    tile_stride_width: int = 192
+    param_dtype: str = "float32"
+    dtype: str = "bfloat16"
+
+
 @dataclasses.dataclass
 class TextEncoderConfig:
     """The T5 v1.1 encoder. Sizes follow Hugging Face `T5Config` names; defaults are t5-v1_1-xxl (CogVideoX)."""
