@@ -147,7 +147,7 @@ def cmd_eval(args) -> int:
     from insvie_jax import eval as evallib
 
     if not args.csv and not args.edits:
-        raise configlib.ConfigError("eval: pass --csv LIST (eval or InsViE CSV) and/or --edits OUT (an edit output folder)")
+        raise configlib.ConfigError("eval: pass --csv LIST (an eval or InsViE CSV) and/or --edits OUT (edit outputs)")
     return evallib.main(args.csv or [], args.edits, args.out, args.video_roots, args.clip, args.judge, args.max_frames,
                         args.quiet)
 

@@ -76,7 +76,7 @@ def evaluate(items: list[EvalItem], out: str | Path, *, clip: str | None = None,
         if judge_fn is not None:
             try:
                 row["judge_score"] = _judge(judge_fn, source, edit, item.instruction)
-            except Exception as err:  # noqa: BLE001 - a failing judge (JudgeError, a user function's error) fails its clip's score only
+            except Exception as err:  # noqa: BLE001 - a failing judge (JudgeError, a user function's) fails one score
                 row["error"] = f"judge failed ({err})"
     summary = summarize(rows, clip=clip, judge=judge)
     write(rows, summary, out)
@@ -119,6 +119,33 @@ def write(rows: list[dict], summary: dict, out: str | Path) -> Path:
     (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=True) + "\n")
     (out / "summary.md").write_text(markdown(summary))
     return out
+
+
+SAMPLES_EVAL = "eval.json"
+PANEL_PARTS = 3  # validation's sample videos are source | edit | target side by side
+
+
+def eval_run_samples(run_dir: str | Path) -> dict | None:
+    """The mean metrics of a training run's last validation edits (RUN/samples/<step>/NN.mp4, each source | edit
+    | target), cached in that folder's eval.json; None when the run wrote no sample videos."""
+    from insvie_jax.data.video import probe, read_frames
+
+    samples = Path(run_dir) / "samples"
+    steps = sorted((int(p.name), p) for p in samples.iterdir() if p.name.isdigit()) if samples.is_dir() else []
+    videos = sorted(steps[-1][1].glob("[0-9]*.mp4")) if steps else []
+    if not videos:
+        return None
+    cached = steps[-1][1] / SAMPLES_EVAL
+    if cached.is_file() and cached.stat().st_mtime >= max(v.stat().st_mtime for v in videos):
+        return json.loads(cached.read_text())
+    parts = []
+    for video in videos:
+        panel = read_frames(video, np.arange(probe(video).num_frames))
+        parts.append(np.split(panel, PANEL_PARTS, axis=2))
+    source, edit, target = (np.stack(p) for p in zip(*parts))
+    result = {"step": steps[-1][0], **eval_clips(source, edit, target)}
+    cached.write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def main(lists: list[str], edits: str | None, out: str, video_roots: list[str], clip: str | None, judge: str,

@@ -26,7 +26,6 @@ import numpy as np
 
 from insvie_jax.config import ConfigError
 from insvie_jax.data.video import probe, read_frames
-from insvie_jax.sample.edit import output_name
 from insvie_jax.sample.video import resize_crop
 
 EVAL_COLUMNS = ("source", "edit", "instruction")
@@ -88,6 +87,8 @@ def read_csv(path: str | Path, video_roots=("source", "edit"), edits: str | Path
         source = _resolve(folder, str(Path(roots[0]) / name))
         dataset_edit = _resolve(folder, str(Path(roots[1]) / name)) if len(roots) > 1 else None
         if edits is not None:
+            from insvie_jax.sample.edit import output_name  # the models' module: imported only when needed
+
             edit = str(Path(edits) / output_name(name, instruction) / "edit.mp4")
             target = dataset_edit if dataset_edit and Path(dataset_edit).is_file() else None
         else:
