@@ -116,10 +116,30 @@ def test_eval_csv_with_targets_clip_scores_and_judge(tmp_path):
 def test_bad_input_is_one_line(tmp_path, capsys):
     assert cli.main(["eval", "--out", str(tmp_path)]) == 2
     assert "pass --csv" in capsys.readouterr().err
-    assert cli.main(["eval", "--csv", str(tmp_path / "nope.csv")]) == 2
+    assert cli.main(["eval", "--csv", str(tmp_path / "nope.csv"), "--out", str(tmp_path)]) == 2
     assert "eval list not found" in capsys.readouterr().err
-    (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
-    assert cli.main(["eval", "--csv", str(tmp_path / "bad.csv")]) == 2
+    (tmp_path / "bad.csv").write_text("a\n1\n")
+    assert cli.main(["eval", "--csv", str(tmp_path / "bad.csv"), "--out", str(tmp_path)]) == 2
     assert "expected an eval CSV" in capsys.readouterr().err
-    assert cli.main(["eval", "--edits", str(tmp_path)]) == 2
+    assert cli.main(["eval", "--edits", str(tmp_path), "--out", str(tmp_path)]) == 2
     assert "no edits in" in capsys.readouterr().err
+
+
+def test_pair_csv_and_two_column_batch_file(triplets, tmp_path):
+    """The data lists' pair CSV reads as a dataset (its target column is what is measured); the edit command's
+    2-column batch file (video, instruction) with --edits measures the edit outputs against the dataset's edits."""
+    folder = triplets.parent
+    with open(tmp_path / "pairs.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["source", "target", "instruction"],
+                                 [folder / "source/00000.mp4", folder / "edit/00000.mp4", "anything"]])
+    assert cli.main(["eval", "--csv", str(tmp_path / "pairs.csv"), "--out", str(tmp_path / "a"), "--quiet"]) == 0
+    (row,) = _rows(tmp_path / "a")
+    assert row["edit"].endswith("edit/00000.mp4") and row["target"] == "" and float(row["psnr_source"]) < 35
+
+    edits = tmp_path / "edits"
+    rows = _edit_outputs(triplets, edits, lambda i: synthetic_videos.triplet(0, i, 9, 48, 64)[1])
+    (folder / "batch.csv").write_text("video,instruction\n" + "".join(f"{r[0]},{r[2]}\n" for r in rows))
+    assert cli.main(["eval", "--csv", str(folder / "batch.csv"), "--edits", str(edits), "--out", str(tmp_path / "b"),
+                     "--quiet"]) == 0
+    measured = _rows(tmp_path / "b")
+    assert len(measured) == 4 and all(float(r["psnr_target"]) > 27 for r in measured)

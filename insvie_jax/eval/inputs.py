@@ -3,11 +3,13 @@ a CSV or an `insvie-jax edit` output folder, and their clips decoded and aligned
 
 Lists (paths relative to the list's folder unless absolute):
 - an eval CSV: a header naming `source`, `edit` and `instruction`, optionally `target`, `source_caption`,
-  `edited_caption` (other columns are ignored);
+  `edited_caption` (other columns are ignored); a pair CSV (`source`, `target`, `instruction`, the data lists'
+  format) is read as a dataset: its `target` is the dataset's edit, as below;
 - an InsViE CSV (header, then video name, source caption, instruction, edited caption[, edit folder]): the source
   is `<video_roots[0]>/<name>`; the edited video is the edit command's `<edits>/<name stem>-<instruction>/edit.mp4`
   when `edits` is given (then the dataset's `<video_roots[1]>/<name>` is the target, when it exists), else the
-  dataset's own edited clip `<video_roots[1]>/<name>` (no target);
+  dataset's own edited clip `<video_roots[1]>/<name>` (no target); the edit command's 2-column batch file
+  (video name, instruction) reads the same way;
 - no list, only `edits`: every `<edits>/*/meta.json` that `insvie-jax edit` wrote (source and instruction from it).
 
 Alignment: the edit command resizes the source to cover its size (bicubic), centre-crops it and keeps its first
@@ -52,8 +54,22 @@ def _resolve(folder: Path, path: str) -> str:
     return str(p if p.is_absolute() else folder / p)
 
 
+def _edited_and_target(dataset_edit: str | None, source: str, instruction: str, edits, where: str):
+    """(what is measured, target): the edit command's output for the row when `edits` is given (the dataset's
+    edited clip, when it exists, is then the target), else the dataset's edited clip itself."""
+    if edits is not None:
+        from insvie_jax.sample.edit import output_name  # the models' module: imported only when needed
+
+        edit = str(Path(edits) / output_name(source, instruction) / "edit.mp4")
+        return edit, dataset_edit if dataset_edit and Path(dataset_edit).is_file() else None
+    if dataset_edit is None:
+        raise ListError(f"{where}: name the edited clips' folder (--video-roots SOURCE EDITED) or the edit command's "
+                        "output (--edits)")
+    return dataset_edit, None
+
+
 def read_csv(path: str | Path, video_roots=("source", "edit"), edits: str | Path | None = None) -> list[EvalItem]:
-    """The items of an eval CSV or an InsViE CSV (see the module doc)."""
+    """The items of an eval CSV, a pair CSV (source, target, instruction) or an InsViE CSV (see the module doc)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"eval list not found: {path}")
@@ -64,38 +80,36 @@ def read_csv(path: str | Path, video_roots=("source", "edit"), edits: str | Path
     header = [c.strip().lower() for c in rows[0]]
     folder = path.parent
     items = []
-    if all(c in header for c in EVAL_COLUMNS):
+    if "source" in header and "instruction" in header and ("edit" in header or "target" in header):
         for number, row in enumerate(rows[1:], 2):
-            fields = dict(zip(header, (cell.strip() for cell in row)))
-            if any(not fields.get(c) for c in EVAL_COLUMNS):
-                raise ListError(f"{path}:{number}: every row needs {', '.join(EVAL_COLUMNS)}")
-            items.append(EvalItem(f"{path.name}:{number}", _resolve(folder, fields["source"]),
-                                  _resolve(folder, fields["edit"]), fields["instruction"],
-                                  _resolve(folder, fields["target"]) if fields.get("target") else None,
-                                  fields.get("source_caption") or None, fields.get("edited_caption") or None))
+            fields = {k: v for k, v in zip(header, (cell.strip() for cell in row)) if v}
+            where = f"{path.name}:{number}"
+            if not all(k in fields for k in ("source", "instruction", "edit" if "edit" in header else "target")):
+                raise ListError(f"{path}:{number}: every row needs source, instruction and edit (or target)")
+            source, instruction = _resolve(folder, fields["source"]), fields["instruction"]
+            target = _resolve(folder, fields["target"]) if "target" in fields else None
+            if "edit" in fields:
+                edit = _resolve(folder, fields["edit"])
+            else:  # a pair list: the target column is the dataset's edit
+                edit, target = _edited_and_target(target, source, instruction, edits, where)
+            items.append(EvalItem(where, source, edit, instruction, target, fields.get("source_caption"),
+                                  fields.get("edited_caption")))
         return items
-    if len(rows[0]) < 3:
+    if len(header) < 2:
         raise ListError(f"{path}: expected an eval CSV (columns {', '.join(EVAL_COLUMNS)}[, "
-                        f"{', '.join(OPTIONAL_COLUMNS)}]) or an InsViE CSV (video, caption, instruction, edited "
-                        "caption, edit folder)")
+                        f"{', '.join(OPTIONAL_COLUMNS)}]), a pair CSV (source, target, instruction) or an InsViE CSV "
+                        "(video, caption, instruction, edited caption, edit folder)")
     roots = list(video_roots)
     for number, row in enumerate(rows[1:], 2):
-        row = [cell.strip() for cell in row] + [""] * (5 - len(row))
-        name, caption, instruction, edited_caption = row[:4]
+        row = [cell.strip() for cell in row]
+        # InsViE's columns; the edit command's 2-column batch file is (video, instruction)
+        padded = row + [""] * 4
+        name, caption, instruction, edited_caption = padded[:4] if len(row) >= 3 else (row[0], "", padded[1], "")
         if not name or not instruction:
             raise ListError(f"{path}:{number}: an InsViE row needs a video name and an instruction")
         source = _resolve(folder, str(Path(roots[0]) / name))
         dataset_edit = _resolve(folder, str(Path(roots[1]) / name)) if len(roots) > 1 else None
-        if edits is not None:
-            from insvie_jax.sample.edit import output_name  # the models' module: imported only when needed
-
-            edit = str(Path(edits) / output_name(name, instruction) / "edit.mp4")
-            target = dataset_edit if dataset_edit and Path(dataset_edit).is_file() else None
-        else:
-            if dataset_edit is None:
-                raise ListError(f"{path}: name the edited clips' folder (--video-roots SOURCE EDITED) or the edit "
-                                "command's output (--edits)")
-            edit, target = dataset_edit, None
+        edit, target = _edited_and_target(dataset_edit, source, instruction, edits, f"{path.name}:{number}")
         items.append(EvalItem(f"{path.name}:{number}:{name}", source, edit, instruction, target,
                               caption or None, edited_caption or None))
     return items

@@ -243,14 +243,17 @@ def tokenize(tokenizer, texts: Sequence[str], cfg: ClipConfig) -> tuple[np.ndarr
     return ids, pooled_at
 
 
+# Scores are compared across machines: full fp32 matmuls (TPUs and GPUs may otherwise round inputs to bf16/tf32).
 @nnx.jit
 def _image_features(model, pixels):
-    return model.image_features(pixels)
+    with jax.default_matmul_precision("highest"):
+        return model.image_features(pixels)
 
 
 @nnx.jit
 def _text_features(model, ids, pooled_at):
-    return model.text_features(ids, pooled_at)
+    with jax.default_matmul_precision("highest"):
+        return model.text_features(ids, pooled_at)
 
 
 def embed_images(model: ClipModel, frames: np.ndarray, prep: Preprocessing, batch: int = 16) -> np.ndarray:
