@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="measure edits: source preservation, temporal consistency, target match, CLIP "
                                      "scores (per-clip CSV + summary)")
     ev.add_argument("--csv", action="append", help="eval CSV (source, edit, instruction[, target, source_caption, "
-                    "edited_caption]) or InsViE CSV (repeatable)")
+                    "edited_caption]), pair CSV (source, target, instruction) or InsViE CSV (repeatable)")
     ev.add_argument("--edits", help="`insvie-jax edit --out` folder: the edited clips of an InsViE CSV, or (no --csv) "
                     "every <name>/meta.json in it")
     ev.add_argument("--video-roots", nargs="+", default=["source", "edit"], metavar="DIR",
