@@ -143,6 +143,15 @@ def cmd_filter(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from insvie_jax import eval as evallib
+
+    if not args.csv and not args.edits:
+        raise configlib.ConfigError("eval: pass --csv LIST (an eval or InsViE CSV) and/or --edits OUT (edit outputs)")
+    return evallib.main(args.csv or [], args.edits, args.out, args.video_roots, args.clip, args.judge, args.max_frames,
+                        args.quiet)
+
+
 def cmd_bench(args) -> int:
     from insvie_jax import bench
 
@@ -278,6 +287,22 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for the step-time estimate")
     comp.add_argument("--out", help="write the report as JSON here")
     comp.set_defaults(func=cmd_compile)
+    ev = sub.add_parser("eval", help="measure edits: source preservation, temporal consistency, target match, CLIP "
+                                     "scores (per-clip CSV + summary)")
+    ev.add_argument("--csv", action="append", help="eval CSV (source, edit, instruction[, target, source_caption, "
+                    "edited_caption]), pair CSV (source, target, instruction) or InsViE CSV (repeatable)")
+    ev.add_argument("--edits", help="`insvie-jax edit --out` folder: the edited clips of an InsViE CSV, or (no --csv) "
+                    "every <name>/meta.json in it")
+    ev.add_argument("--video-roots", nargs="+", default=["source", "edit"], metavar="DIR",
+                    help="an InsViE CSV's source and edited-clip folders, relative to it (default: source edit)")
+    ev.add_argument("--out", default="eval", help="per_clip.csv, summary.md, summary.json go here (default: eval)")
+    ev.add_argument("--clip", help="Hugging Face CLIP folder (config.json, model.safetensors, vocab.json, merges.txt): "
+                    "adds clip_text, clip_frame, clip_direction")
+    ev.add_argument("--judge", default="", help="VLM judge: http(s) URL or module:function (as data.filter_judge); "
+                    "default: none")
+    ev.add_argument("--max-frames", type=int, default=49, help="frames measured per clip (default 49)")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    ev.set_defaults(func=cmd_eval)
     sweep = sub.add_parser("sweep", help="train a grid or list of config variants, tabulate and plot their metrics",
                            usage="insvie-jax sweep FILE [KEY=VALUE ...] [--dir D] [--emit local|slurm|tpu]\n"
                                  "       insvie-jax sweep report SWEEP_FOLDER")

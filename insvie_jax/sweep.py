@@ -43,6 +43,8 @@ from insvie_jax import config as configlib
 SWEEP_KEYS = ("name", "base", "overrides", "grid", "runs")
 MAX_NAME = 100  # characters of a run folder name; longer names are cut and end in a hash of the overrides
 FINAL_LOSS_WINDOW = 5  # the final loss is the mean of this many last logged losses
+# `insvie-jax eval` metrics of each run's last validation videos (pixel data only), shown when some run has them
+EVAL_COLUMNS = ("psnr_source", "ssim_source", "psnr_target", "ssim_target", "warp_error")
 EMIT_KINDS = ("local", "slurm", "tpu")
 STATUS_FILE = "status.json"  # written by `run_local` after each run: exit code and seconds
 
@@ -310,6 +312,8 @@ def _run_folders(folder: Path) -> list[tuple[dict, Path]]:
 
 def collect(folder: str | Path) -> tuple[list[str], list[dict], dict]:
     """Reads every run folder under FOLDER: (columns, rows, {run: [(step, loss)]})."""
+    from insvie_jax.eval import eval_run_samples
+
     folder = Path(folder)
     runs = _run_folders(folder) if folder.is_dir() else []
     if not runs:
@@ -329,8 +333,11 @@ def collect(folder: str | Path) -> tuple[list[str], list[dict], dict]:
                "best_loss": min(losses) if losses else None,
                "edit_mse": val[-1]["edit_mse"] if val else None, "source_mse": val[-1]["source_mse"] if val else None,
                "step_s": statistics.median(step_s) if step_s else None}
+        evals = eval_run_samples(path) or {}
+        row.update({k: evals.get(k) for k in EVAL_COLUMNS})
         rows.append(row)
         curves[info["name"]] = [(r["step"], r["loss"]) for r in train]
+    columns += [k for k in EVAL_COLUMNS if any(row[k] is not None for row in rows)]
     return columns, rows, curves
 
 
@@ -377,7 +384,9 @@ def report(folder: str | Path) -> list[dict]:
                 "|" + "|".join("---" for _ in columns) + "|",
                 *("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in cells),
                 "", f"final_loss: mean of the last {FINAL_LOSS_WINDOW} logged losses; edit_mse / source_mse: the last "
-                "validation edit; step_s: median seconds per logged step.", ""]
+                "validation edit; step_s: median seconds per logged step"
+                + ("; psnr_* / ssim_* / warp_error: `insvie-jax eval` of the last validation videos (edit vs source "
+                   "/ target; README, Evaluating edits)." if columns[-1] in EVAL_COLUMNS else "."), ""]
     (folder / "results.md").write_text("\n".join(markdown))
     _plot(curves, folder / "loss_curves.png", f"sweep {folder.name}")
     return rows

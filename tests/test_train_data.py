@@ -111,6 +111,9 @@ def test_validation_edits_metrics_videos_and_tensorboard(reference_dir, shards):
             frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
         assert len(frames) == 9 and frames[0].shape == (32, 3 * 48, 3)  # source | edit | target
         assert np.std(np.stack(frames)) > 1  # decoded pictures, not a constant
+    scores = json.loads((reference_dir / "samples" / str(STEPS) / "eval.json").read_text())  # `insvie-jax eval`
+    assert scores["eval_clips"] == 2
+    assert all(val[0][k] == scores[k] for k in ("psnr_source", "psnr_target", "warp_error"))
     events = b"".join(p.read_bytes() for p in (reference_dir / "tensorboard").iterdir())
     assert b"val/clip_00" in events and b"val/clip_01" in events and b"val/edit_mse" in events
 

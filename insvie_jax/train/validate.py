@@ -6,13 +6,16 @@ Reported: "edit_mse", the mean squared error between the sampled edit latents an
 "source_mse", the same between the unedited source and the target; an edit model that learned anything has
 edit_mse < source_mse. For pixel-derived data (arrayrecord, video) the latents are decoded with the VAE and
 written to RUN/samples/<steps done>/<clip>.mp4 as source | edit | target, and a frame strip of each goes to
-TensorBoard. The clips: the first batches of the "eval" split of data.paths, or the first synthetic batch.
+TensorBoard; their `insvie-jax eval` metrics (psnr/ssim of the edit vs source and target, warp error) join the
+record and samples/<step>/eval.json. The clips: the first batches of the "eval" split of data.paths, or the first
+synthetic batch.
 Every process samples (the model may be sharded across them); only the main process decodes and writes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import jax
@@ -79,12 +82,13 @@ class Validator:
         record = {"step": done, "val_clips": len(edited), "edit_mse": float(np.mean((edited - target) ** 2)),
                   "source_mse": float(np.mean((source - target) ** 2))}
         if self.main:
-            self.writer.write(record, prefix="val")
             if self.pixels:
-                self._write_videos(done, source, edited, target)
+                record.update(self._write_videos(done, source, edited, target))
+            self.writer.write(record, prefix="val")
         return record
 
-    def _write_videos(self, done: int, source, edited, target) -> None:
+    def _write_videos(self, done: int, source, edited, target) -> dict:
+        """Writes the decoded clips; returns their `insvie-jax eval` metrics (also in the folder's eval.json)."""
         if self.vae is None:
             from insvie_jax.data.encode import load_vae_of
 
@@ -99,3 +103,8 @@ class Validator:
             videolib.write_mp4(folder / f"{index:02d}.mp4", panel, self.cfg.sample.fps)
             picks = np.unique(np.linspace(0, len(panel) - 1, min(STRIP_FRAMES, len(panel))).round().astype(int))
             self.writer.image(f"val/clip_{index:02d}", np.concatenate(list(panel[picks]), axis=0), done)
+        from insvie_jax.eval import SAMPLES_EVAL, eval_clips
+
+        scores = eval_clips(videos[:count], videos[count:2 * count], videos[2 * count:])
+        (folder / SAMPLES_EVAL).write_text(json.dumps({"step": done, **scores}, indent=2) + "\n")
+        return scores
