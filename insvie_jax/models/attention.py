@@ -31,6 +31,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 from jax.sharding import PartitionSpec
 
+from insvie_jax.config import ConfigError
 from insvie_jax.parallel.sharding import active_rules, logical_to_spec
 
 QKV_AXES = ("batch", "length", "heads", "head_dim")
@@ -149,7 +150,7 @@ def _splash_attention(q, k, v, blocks: SplashBlocks):
     no real query sees them, padded queries keep segment 0 (every row has keys to attend to) and are dropped."""
     backend = target_platform()
     if backend == "gpu":
-        raise ValueError("model.attention='splash' is the TPU Pallas kernel; on GPU use 'cudnn' or 'auto'")
+        raise ConfigError("model.attention='splash' is the TPU Pallas kernel; on GPU use 'cudnn' or 'auto'")
     _, q_len, heads, head_dim = q.shape
     kv_len = k.shape[1]
     blocks = blocks.for_chip(getattr(target_device(), "device_kind", ""))
@@ -183,9 +184,9 @@ def _axis_size(mesh, axes) -> int:
 
 def _check_divisible(length: int, context_size: int) -> None:
     if length % context_size:
-        raise ValueError(
+        raise ConfigError(
             f"attention sequence length {length} is not divisible by the context-parallel size {context_size} "
-            "(mesh axes of logical axis 'length'): choose a joint text+video length that is a multiple of it"
+            "(mesh axes of logical axis 'length'): pick mesh.ici_context (or the clip size: text_length + video tokens) so that it divides the length"
         )
 
 
