@@ -43,3 +43,13 @@ class WanModelConfig:
     @property
     def mlp_dim(self) -> int:
         return self.ffn_dim
+
+
+# The presets' model sections, until `model.family: wan` joins config.py (then configs/wan22-5b-edit.yaml and
+# configs/tiny-wan.yaml). Wan2.2-TI2V-5B in the Lucy-Edit layout, and a tiny one for CI (odd sizes on purpose).
+PRESETS = {
+    "wan22-5b-edit": WanModelConfig(remat_policy="attention"),
+    "tiny-wan": WanModelConfig(name="tiny-wan", num_layers=2, num_attention_heads=2, attention_head_dim=24,
+                               in_channels=48, out_channels=48, text_embed_dim=32, text_length=16, freq_dim=32,
+                               ffn_dim=96, dtype="float32"),
+}
