@@ -14,6 +14,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from insvie_jax.convert import wan_keys  # noqa: E402
 from insvie_jax.models.params import flat_params  # noqa: E402
+from insvie_jax.models.wan import transformer as wan  # noqa: E402
 from insvie_jax.models.wan.config import WanModelConfig  # noqa: E402
 from _compare import rel  # noqa: E402
 from test_wan_transformer import FORWARD_TOL, TINY, inputs, ref_forward, reference  # noqa: E402
@@ -74,6 +75,13 @@ def test_text_to_video_checkpoint_initialises_the_edit_model(tmp_path):
     got = np.asarray(model(noisy, source, text, T))
     assert rel(got, want.numpy()) <= FORWARD_TOL
     np.testing.assert_array_equal(got, np.asarray(model(noisy, 3 * source, text, T)))
+
+    # the same rule on a built model (transformer.init_edit_from_t2v, ours (pt, ph, pw, C, D) layout)
+    fresh = wan.build(cfg)
+    sd = t2v.state_dict()
+    wan.init_edit_from_t2v(fresh, sd["patch_embedding.weight"].numpy().transpose(2, 3, 4, 1, 0),
+                           sd["patch_embedding.bias"].numpy())
+    np.testing.assert_array_equal(flat_params(fresh)["patch_embedding.kernel"], kernel)
 
 
 def test_unsupported_and_mismatched_folders_are_named(tmp_path):
