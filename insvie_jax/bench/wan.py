@@ -52,7 +52,7 @@ def run_jax(args) -> dict:
     def peak():
         return jax.devices()[0].memory_stats()["peak_bytes_in_use"] / 2**30
 
-    for remat in ("none", "attention", "full"):
+    for remat in ("none", *args.remat):
         cfg = WanModelConfig(param_dtype="bfloat16", dtype="bfloat16", remat_policy=remat)
         model = wan.build(cfg)
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -64,10 +64,11 @@ def run_jax(args) -> dict:
                 t = jnp.full((batch,), 500.0)
                 rows[name] = _median(lambda: fwd(params, noisy, source, text, t), jax.block_until_ready, args.repeats)
                 rows[name]["peak_gib"] = peak()
-            t = jnp.full((1, tokens), 500.0)
-            noisy, source, text = inputs(1)
-            rows["forward_per_token_t"] = _median(lambda: fwd(params, noisy, source, text, t),
-                                                  jax.block_until_ready, args.repeats)
+            if args.per_token:
+                t = jnp.full((1, tokens), 500.0)
+                noisy, source, text = inputs(1)
+                rows["forward_per_token_t"] = _median(lambda: fwd(params, noisy, source, text, t),
+                                                      jax.block_until_ready, args.repeats)
             rows["flops_forward"] = wan.forward_flops(cfg, f, h, w)
         else:
             @jax.jit
@@ -139,6 +140,8 @@ def main(argv=None) -> None:
     parser.add_argument("--height", type=int, default=44)
     parser.add_argument("--width", type=int, default=80)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--remat", nargs="*", default=["attention", "full"], help="fwd+bwd rows (jax side)")
+    parser.add_argument("--per-token", action="store_true", help="also time per-token timesteps (jax side)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     rows = run_jax(args) if args.side == "jax" else run_torch(args)
