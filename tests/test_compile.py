@@ -139,7 +139,8 @@ def test_a_config_that_does_not_fit_says_why_and_exits_1(env, tmp_path):
 
 def test_missing_topology_and_bad_config_are_one_line(env, tmp_path):
     proc, _ = compile_cli(env, tmp_path, "tiny", "--topology", "v9-8")
-    assert proc.returncode == 2 and "unknown TPU topology" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "'v9:2x4' (1 slice(s)) was refused by libtpu" in proc.stderr
+    assert "v5p:4x4x4" in proc.stderr and "Traceback" not in proc.stderr
     proc, _ = compile_cli(env, tmp_path, "tiny", "--topology", "v5e:2x2", "mesh.ici_data=1", "mesh.ici_fsdp=-1",
                           "data.batch_size=6")
     assert proc.returncode == 2 and "data.batch_size=6 must be a multiple of the data-parallel size 4" in proc.stderr

@@ -99,4 +99,5 @@ def abstract_devices(name: str, slices: int = 1) -> list:
 
             raise TopologyError(f"the TPU compiler is not installed: pip install 'jax[tpu]=={jax.__version__}' "
                                 f"(or pip install -e '.[tpu]'); {text}") from None
-        raise TopologyError(f"TPU topology {topology!r} ({slices} slice(s)) was refused by libtpu: {text}") from None
+        raise TopologyError(f"TPU topology {topology!r} ({slices} slice(s)) was refused by libtpu: {text} (chips "
+                            f"known here: {', '.join(c.name for c in CHIPS.values())}, e.g. v5p:4x4x4, v5e:4x4)") from None
