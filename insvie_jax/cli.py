@@ -163,7 +163,7 @@ def _bench_parser(sub) -> None:
     bench.add_argument("--tiny", action="store_true", help="the tiny preset, 4 sampling steps: a CPU smoke run")
     bench.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override (repeatable), e.g. "
                        "mesh.ici_fsdp=2, data.batch_size=2")
-    bench.add_argument("--remat", nargs="+", choices=("none", "full", "attention", "dots", "dots_no_batch"),
+    bench.add_argument("--remat", nargs="+", choices=configlib.choices("model.remat_policy"),
                        help="remat policies of transformer_fwdbwd / train_step (one row each)")
     bench.add_argument("--lora", choices=("off", "on", "both"), help="LoRA for transformer_fwdbwd / train_step")
     bench.add_argument("--tiled", choices=("off", "on", "both"), help="VAE tiling for vae_encode / vae_decode")

@@ -37,7 +37,6 @@ NATIVE_FORMAT = "insvie-jax-transformer"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX = WEIGHTS + ".index.json"
 MAX_SHARD_BYTES = 10 * 2**30  # diffusers' default shard size
-PRESETS = ("cogvideox-2b-edit", "cogvideox-5b-edit", "tiny")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -63,12 +62,11 @@ def detect_format(path: str | Path) -> str:
 
 
 def _preset_hint(found: dict[str, tuple]) -> str:
-    """Names the shipped preset whose parameter shapes the checkpoint has, if any."""
-    for name in PRESETS:
-        cfg = config_lib.load(name).model
-        if param_shapes(tr.abstract(cfg)) == found:
-            return f"\nthe tensors fit preset '{name}' (configs/{name}.yaml): use that config"
-    return ""
+    """Names the shipped presets (configs/*.yaml) whose parameter shapes the checkpoint has, if any."""
+    fitting = [name for name in config_lib.presets() if param_shapes(tr.abstract(config_lib.load(name).model)) == found]
+    if not fitting:
+        return ""
+    return f"\nthe tensors fit preset {', '.join(repr(n) for n in fitting)} (configs/): use that config"
 
 
 def check_flat(flat: dict[str, np.ndarray], cfg: ModelConfig, what: str) -> None:
