@@ -276,12 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from insvie_jax.convert.sat import NotACheckpoint
+    from insvie_jax.convert.sat import ConvertError
     from insvie_jax.models.params import ParamMismatch
 
     try:
         return args.func(args)
-    except (configlib.ConfigError, NotACheckpoint, ParamMismatch, FileNotFoundError, FileExistsError) as err:
+    except (configlib.ConfigError, ConvertError, ParamMismatch, FileNotFoundError, FileExistsError) as err:
         print(f"insvie-jax: {err}", file=sys.stderr)
         return 2
 
