@@ -131,7 +131,7 @@ def cmd_filter(args) -> int:
     from insvie_jax.data.sources import read_lists
 
     cfg, lists = _config_and_lists(args, "filter")
-    triplets, list_report = read_lists(lists, cfg.data.video_roots)
+    triplets, list_report = read_lists(lists, cfg.data.video_roots, cfg.data.allow_outside_root)
     rows = filters.filter_triplets(cfg, triplets, list_report, filters.make_judge(cfg.data),
                                    show_progress=not args.quiet)
     filters.write_report(rows, args.report)

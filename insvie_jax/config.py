@@ -207,6 +207,12 @@ class DataConfig:
     weights: list = dataclasses.field(default_factory=list)  # mixture weight per path; empty = equal
     # InsViE CSV: [source_root, edit_root] folders, relative to the CSV's folder, holding same-named clips.
     video_roots: list = dataclasses.field(default_factory=lambda: ["source", "edit"])
+    # A list row naming a file outside its data root (the list's folder; an InsViE CSV's video_roots) with `../`
+    # or an absolute path is a bad row, unless this allows it.
+    allow_outside_root: bool = False
+    # An edited clip whose aspect ratio differs from its source's: "reject" (a bad sample) or "stretch" it to the
+    # source's size.
+    aspect_mismatch: Literal["reject", "stretch"] = "reject"
     fps: float = ranged(7.0, "> 0")  # frame sampling rate of InsViE's window rule
     skip_frames: int = ranged(0, ">= 0")  # raw frames skipped at the start (and end) of each clip
     pad_frames: bool = True  # pad short clips to num_frames by repeating the last frame; False = own 4k+1 length
