@@ -9,7 +9,6 @@ import pickle
 import shutil
 import subprocess
 import sys
-import zipfile
 
 import numpy as np
 import pytest
