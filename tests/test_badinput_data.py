@@ -15,7 +15,7 @@ from insvie_jax.data import sources
 from insvie_jax.data.pipeline import make_pipeline, read_bad_records
 from insvie_jax.data.video import write_video
 
-OVERRIDES = ["data.height=32", "data.width=48", "data.fps=8.0", "data.filter_frames=9"]
+OVERRIDES = ["data.height=32", "data.width=48", "data.num_frames=5", "data.fps=8.0", "data.filter_frames=5"]
 LONG_NAME = "x" * 296 + ".mp4"  # 300 characters: more than a file name may have (255 bytes)
 GOOD = ["good0.mp4", "good1.mp4", "good2.mp4"]
 OUTSIDE_ROWS = ["../../etc/passwd", "/etc/passwd", "../../outside.mp4"]
@@ -107,7 +107,7 @@ def test_config_keys_allow_outside_paths_and_stretching(dataset):
     assert usable == sorted([f"train.csv:{n}:{g}" for n, g in zip((2, 6, 9), GOOD)] + [
         "train.csv:5:outside.mp4", "train.csv:8:wide.mp4", "pairs.jsonl:1:good0.mp4", "pairs.jsonl:2:outside.mp4",
         "pairs.jsonl:3:good1.mp4"])
-    assert loaded["train.csv:8:wide.mp4"].target.shape == (9, 32, 48, 3)  # stretched to the source's size
+    assert loaded["train.csv:8:wide.mp4"].target.shape == (5, 32, 48, 3)  # stretched to the source's size
     # /etc/passwd is read (allowed) and named as what it is (../../etc/passwd does not reach it from data/source);
     # the long name stays a bad row.
     assert {e["sample"]: e["reason"] for e in report.entries} == {
