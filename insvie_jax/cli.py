@@ -131,7 +131,7 @@ def cmd_filter(args) -> int:
     from insvie_jax.data.sources import read_lists
 
     cfg, lists = _config_and_lists(args, "filter")
-    triplets, list_report = read_lists(lists, cfg.data.video_roots)
+    triplets, list_report = read_lists(lists, cfg.data.video_roots, cfg.data.allow_outside_root)
     rows = filters.filter_triplets(cfg, triplets, list_report, filters.make_judge(cfg.data),
                                    show_progress=not args.quiet)
     filters.write_report(rows, args.report)
@@ -172,7 +172,7 @@ def _bench_parser(sub) -> None:
     bench.add_argument("--tiny", action="store_true", help="the tiny preset, 4 sampling steps: a CPU smoke run")
     bench.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override (repeatable), e.g. "
                        "mesh.ici_fsdp=2, data.batch_size=2")
-    bench.add_argument("--remat", nargs="+", choices=("none", "full", "attention", "dots", "dots_no_batch"),
+    bench.add_argument("--remat", nargs="+", choices=configlib.choices("model.remat_policy"),
                        help="remat policies of transformer_fwdbwd / train_step (one row each)")
     bench.add_argument("--lora", choices=("off", "on", "both"), help="LoRA for transformer_fwdbwd / train_step")
     bench.add_argument("--tiled", choices=("off", "on", "both"), help="VAE tiling for vae_encode / vae_decode")
@@ -329,12 +329,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from insvie_jax.convert.sat import NotACheckpoint
+    from insvie_jax.convert.sat import ConvertError
     from insvie_jax.models.params import ParamMismatch
 
     try:
         return args.func(args)
-    except (configlib.ConfigError, NotACheckpoint, ParamMismatch, FileNotFoundError, FileExistsError) as err:
+    except (configlib.ConfigError, ConvertError, ParamMismatch, FileNotFoundError, FileExistsError) as err:
         print(f"insvie-jax: {err}", file=sys.stderr)
         return 2
 

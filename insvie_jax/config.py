@@ -10,18 +10,50 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
+# Allowed values of string keys live in the schema as Literal types; `choices("section.key")` lists them.
+ComputeDtype = Literal["float32", "bfloat16", "float16"]
+ParamDtype = Literal["float32", "bfloat16"]
+# No float16 for T5: v1.1 feed-forward activations overflow it (Hugging Face clamps; bf16 needs no clamp).
+TextDtype = Literal["float32", "bfloat16"]
+
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message says which key and how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric key: ">= 1", "> 0", "[0, 1)" (a closed / open interval), ..."""
+
+    spec: str
+
+    def __contains__(self, value: float) -> bool:
+        spec = self.spec.replace(" ", "")
+        if spec.startswith((">=", ">")):
+            low = float(spec.lstrip(">="))
+            return value >= low if spec.startswith(">=") else value > low
+        low, high = (float(v) for v in spec[1:-1].split(","))
+        above = value >= low if spec[0] == "[" else value > low
+        below = value <= high if spec[-1] == "]" else value < high
+        return above and below
+
+    def __str__(self) -> str:
+        return f"be {self.spec}" if self.spec[0] == ">" else f"be in {self.spec}"
+
+
+def ranged(default: float, spec: str):
+    """A numeric field whose allowed values are `spec` (see `Range`), checked when the config loads."""
+    return dataclasses.field(default=default, metadata={"range": Range(spec)})
 
 
 @dataclasses.dataclass
@@ -29,40 +61,40 @@ class ModelConfig:
     """The CogVideoX editing transformer. Sizes follow diffusers' `CogVideoXTransformer3DModel` names."""
 
     name: str = "cogvideox-2b-edit"
-    num_layers: int = 30
-    num_attention_heads: int = 30
-    attention_head_dim: int = 64
-    in_channels: int = 16  # latent channels of one stream; the edit patch embedding takes 2x this
-    out_channels: int = 16
-    patch_size: int = 2
-    time_embed_dim: int = 512
-    text_embed_dim: int = 4096
-    text_length: int = 226
-    mlp_ratio: float = 4.0
+    num_layers: int = ranged(30, ">= 1")
+    num_attention_heads: int = ranged(30, ">= 1")
+    attention_head_dim: int = ranged(64, ">= 1")
+    in_channels: int = ranged(16, ">= 1")  # latent channels of one stream; the edit patch embedding takes 2x this
+    out_channels: int = ranged(16, ">= 1")
+    patch_size: int = ranged(2, ">= 1")
+    time_embed_dim: int = ranged(512, ">= 1")
+    text_embed_dim: int = ranged(4096, ">= 1")
+    text_length: int = ranged(226, ">= 1")
+    mlp_ratio: float = ranged(4.0, "> 0")
     # Base size the positions are defined for: latent height/width, pixel frames (as diffusers).
-    sample_height: int = 60
-    sample_width: int = 90
-    sample_frames: int = 49
-    temporal_compression: int = 4
-    positions: str = "sincos"  # "sincos" (2B) or "rope" (5B)
-    spatial_interpolation_scale: float = 1.875
-    temporal_interpolation_scale: float = 1.0
-    rope_theta: float = 10000.0
-    patch_embed: str = "double_ch"  # "double_ch" (InsViE release) or "fix_proj" (ablation)
-    norm_eps: float = 1e-5
-    qk_norm_eps: float = 1e-6
-    norm_out_eps: float = 1e-5  # diffusers; SAT's final adaLN norm uses 1e-6
-    param_dtype: str = "float32"
-    dtype: str = "bfloat16"
-    attention: str = "auto"  # "auto" | "cudnn" | "xla" | "splash" | "ring" | "context_gather" (models/attention.py)
+    sample_height: int = ranged(60, ">= 1")
+    sample_width: int = ranged(90, ">= 1")
+    sample_frames: int = ranged(49, ">= 1")
+    temporal_compression: int = ranged(4, ">= 1")
+    positions: Literal["sincos", "rope"] = "sincos"  # sincos (2B) or rope (5B)
+    spatial_interpolation_scale: float = ranged(1.875, "> 0")
+    temporal_interpolation_scale: float = ranged(1.0, "> 0")
+    rope_theta: float = ranged(10000.0, "> 0")
+    patch_embed: Literal["double_ch", "fix_proj"] = "double_ch"  # double_ch: InsViE release; fix_proj: ablation
+    norm_eps: float = ranged(1e-5, "> 0")
+    qk_norm_eps: float = ranged(1e-6, "> 0")
+    norm_out_eps: float = ranged(1e-5, "> 0")  # diffusers; SAT's final adaLN norm uses 1e-6
+    param_dtype: ParamDtype = "float32"
+    dtype: ComputeDtype = "bfloat16"
+    attention: Literal["auto", "cudnn", "xla", "splash", "ring", "context_gather"] = "auto"  # models/attention.py
     # TPU splash-attention tiles (multiples of 128; block_kv_compute divides block_kv); backward uses the same.
     # 0: the tile for the TPU generation compiled for (models/attention.py SPLASH_TILES).
-    splash_block_q: int = 0
-    splash_block_kv: int = 0
-    splash_block_kv_compute: int = 0
+    splash_block_q: int = ranged(0, ">= 0")
+    splash_block_kv: int = ranged(0, ">= 0")
+    splash_block_kv_compute: int = ranged(0, ">= 0")
     splash_fused_bwd: bool = False  # one fused dQ/dK/dV backward kernel instead of two
     scan_layers: bool = True
-    remat_policy: str = "none"  # "none" | "full" | "attention" | "dots" | "dots_no_batch"
+    remat_policy: Literal["none", "full", "attention", "dots", "dots_no_batch"] = "none"
 
     @property
     def hidden_size(self) -> int:
@@ -80,28 +112,29 @@ class VAEConfig:
     `scaling_factor` is applied where latents enter or leave the diffusion model."""
 
     path: str = ""  # diffusers `vae/` folder or SAT `3d-vae.pt`; empty = random init (tests, tiny)
-    scaling_factor: float = 1.15258426
-    latent_channels: int = 16
-    spatial_compression: int = 8  # = 2 ** (len(block_out_channels) - 1)
-    temporal_compression: int = 4
+    scaling_factor: float = ranged(1.15258426, "> 0")
+    latent_channels: int = ranged(16, ">= 1")
+    spatial_compression: int = ranged(8, ">= 1")  # = 2 ** (len(block_out_channels) - 1)
+    temporal_compression: int = ranged(4, ">= 1")
     # Randomly initialised VAE only (empty `path`): > 0 = this constant posterior std instead of the drawn
     # log-variance head, whose std is as large as the means: posterior samples of it would be mostly noise.
-    random_posterior_std: float = 0.0
+    random_posterior_std: float = ranged(0.0, ">= 0")
     block_out_channels: list = dataclasses.field(default_factory=lambda: [128, 256, 256, 512])
-    layers_per_block: int = 3
-    norm_num_groups: int = 32
-    norm_eps: float = 1e-6
+    layers_per_block: int = ranged(3, ">= 1")
+    norm_num_groups: int = ranged(32, ">= 1")
+    norm_eps: float = ranged(1e-6, "> 0")
     # Memory modes; each gives the numbers of diffusers' same mode (the modes differ from each other slightly,
     # because group norms see only the frames / tile of one pass).
-    encode_frame_batch: int = 8  # pixel frames per encoder pass, causal-conv cache carried over (diffusers: 8); 0 = all
-    decode_frame_batch: int = 2  # latent frames per decoder pass (diffusers: 2); 0 = all at once
+    # pixel frames per encoder pass, causal-conv cache carried over (diffusers: 8); 0 = all
+    encode_frame_batch: int = ranged(8, ">= 0")
+    decode_frame_batch: int = ranged(2, ">= 0")  # latent frames per decoder pass (diffusers: 2); 0 = all at once
     tiling: bool = False  # spatial tiles with blended overlaps (diffusers `enable_tiling`)
-    tile_sample_height: int = 240  # pixel tile size (diffusers: half of sample_height/width 480x720)
-    tile_sample_width: int = 360
-    tile_overlap_height: float = 1 / 6
-    tile_overlap_width: float = 1 / 5
-    param_dtype: str = "float32"
-    dtype: str = "bfloat16"
+    tile_sample_height: int = ranged(240, ">= 1")  # pixel tile size (diffusers: half of sample_height/width 480x720)
+    tile_sample_width: int = ranged(360, ">= 1")
+    tile_overlap_height: float = ranged(1 / 6, "[0, 1)")
+    tile_overlap_width: float = ranged(1 / 5, "[0, 1)")
+    param_dtype: ParamDtype = "float32"
+    dtype: ComputeDtype = "bfloat16"
 
 
 # Wan2.2-TI2V-5B's per-channel latent statistics (its vae/config.json `latents_mean` / `latents_std`)
@@ -155,41 +188,41 @@ class TextEncoderConfig:
     """The T5 v1.1 encoder. Sizes follow Hugging Face `T5Config` names; defaults are t5-v1_1-xxl (CogVideoX)."""
 
     path: str = ""  # Hugging Face T5 folder; empty = random init (tests, tiny)
-    max_length: int = 226
-    vocab_size: int = 32128
-    d_model: int = 4096
-    d_kv: int = 64
-    num_heads: int = 64
-    num_layers: int = 24
-    d_ff: int = 10240
-    relative_attention_num_buckets: int = 32
-    relative_attention_max_distance: int = 128
-    layer_norm_epsilon: float = 1e-6
-    param_dtype: str = "float32"
-    dtype: str = "bfloat16"
+    max_length: int = ranged(226, ">= 1")
+    vocab_size: int = ranged(32128, ">= 3")
+    d_model: int = ranged(4096, ">= 1")
+    d_kv: int = ranged(64, ">= 1")
+    num_heads: int = ranged(64, ">= 1")
+    num_layers: int = ranged(24, ">= 1")
+    d_ff: int = ranged(10240, ">= 1")
+    relative_attention_num_buckets: int = ranged(32, ">= 1")
+    relative_attention_max_distance: int = ranged(128, ">= 1")
+    layer_norm_epsilon: float = ranged(1e-6, "> 0")
+    param_dtype: ParamDtype = "float32"
+    dtype: TextDtype = "bfloat16"
     scan_layers: bool = True
 
 
 @dataclasses.dataclass
 class DiffusionConfig:
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
-    snr_shift_scale: float = 3.0  # 3.0 for 2B, 1.0 for 5B
+    num_train_timesteps: int = ranged(1000, ">= 1")
+    beta_start: float = ranged(0.00085, "(0, 1)")
+    beta_end: float = ranged(0.012, "(0, 1)")
+    snr_shift_scale: float = ranged(3.0, "> 0")  # 3.0 for 2B, 1.0 for 5B
     prediction: str = "v"
 
 
 @dataclasses.dataclass
 class MeshConfig:
     # Sizes of the named axes within a slice/host (ici_*) and across them (dcn_*); one may be -1 (the rest).
-    ici_data: int = -1
-    ici_fsdp: int = 1
-    ici_tensor: int = 1
-    ici_context: int = 1
-    dcn_data: int = 1
-    dcn_fsdp: int = 1
-    dcn_tensor: int = 1
-    dcn_context: int = 1
+    ici_data: int = ranged(-1, ">= -1")
+    ici_fsdp: int = ranged(1, ">= -1")
+    ici_tensor: int = ranged(1, ">= -1")
+    ici_context: int = ranged(1, ">= -1")
+    dcn_data: int = ranged(1, ">= -1")
+    dcn_fsdp: int = ranged(1, ">= -1")
+    dcn_tensor: int = ranged(1, ">= -1")
+    dcn_context: int = ranged(1, ">= -1")
     # Logical axis name -> mesh axis (or list of axes, or null = replicated).
     logical_axis_rules: list = dataclasses.field(
         default_factory=lambda: [
@@ -212,98 +245,111 @@ class DataConfig:
     # "synthetic": in-memory latent triplets (no files); "arrayrecord": shards written by `insvie-jax encode`
     # (`paths` = their folders); "video": triplet lists (`paths` = InsViE CSV / pair CSV / JSONL files),
     # decoded in the pipeline and encoded with the VAE and T5 in the main process.
-    source: str = "synthetic"
-    num_frames: int = 49  # pixel frames: 4k+1
-    height: int = 480
-    width: int = 720
-    batch_size: int = 1  # global batch
+    source: Literal["synthetic", "arrayrecord", "video"] = "synthetic"
+    num_frames: int = ranged(49, ">= 1")  # pixel frames: 4k+1
+    height: int = ranged(480, ">= 1")
+    width: int = ranged(720, ">= 1")
+    batch_size: int = ranged(1, ">= 1")  # global batch
     paths: list = dataclasses.field(default_factory=list)
     weights: list = dataclasses.field(default_factory=list)  # mixture weight per path; empty = equal
     # InsViE CSV: [source_root, edit_root] folders, relative to the CSV's folder, holding same-named clips.
     video_roots: list = dataclasses.field(default_factory=lambda: ["source", "edit"])
-    fps: float = 7.0  # frame sampling rate of InsViE's window rule
-    skip_frames: int = 0  # raw frames skipped at the start (and end) of each clip
+    # A list row naming a file outside its data root (the list's folder; an InsViE CSV's video_roots) with `../`
+    # or an absolute path is a bad row, unless this allows it.
+    allow_outside_root: bool = False
+    # An edited clip whose aspect ratio differs from its source's: "reject" (a bad sample) or "stretch" it to the
+    # source's size.
+    aspect_mismatch: Literal["reject", "stretch"] = "reject"
+    fps: float = ranged(7.0, "> 0")  # frame sampling rate of InsViE's window rule
+    skip_frames: int = ranged(0, ">= 0")  # raw frames skipped at the start (and end) of each clip
     pad_frames: bool = True  # pad short clips to num_frames by repeating the last frame; False = own 4k+1 length
     buckets: list = dataclasses.field(default_factory=list)  # [[height, width], ...]; empty = [[height, width]]
-    crop: str = "random"  # "random" (seeded per sample, same offsets for source and edit) | "center"
-    seed: int = 0  # shuffling, crops and posterior draws
+    crop: Literal["random", "center"] = "random"  # random: seeded per sample, same offsets for source and edit
+    seed: int = ranged(0, ">= 0")  # shuffling, crops and posterior draws
     shuffle: bool = True
-    num_workers: int = 0  # grain worker processes; 0 = in the training process. Batch order depends on it:
+    # grain worker processes; 0 = in the training process. Batch order depends on it:
+    num_workers: int = ranged(0, ">= 0")
     # a resumed run must keep the same value.
-    prefetch: int = 2  # batches buffered per worker (or by a thread when num_workers = 0)
-    read_threads: int = 2  # threads reading and decoding records, per stream (folder x bucket) and process
-    shard_size: int = 256  # input triplets per `encode` work unit (one ArrayRecord file per bucket each)
-    encode_batch_size: int = 0  # triplets per `encode` step of a process, split over its devices; 0 = one per device
+    prefetch: int = ranged(2, ">= 1")  # batches buffered per worker (or by a thread when num_workers = 0)
+    # threads reading and decoding records, per stream (folder x bucket) and process
+    read_threads: int = ranged(2, ">= 1")
+    # input triplets per `encode` work unit (one ArrayRecord file per bucket each)
+    shard_size: int = ranged(256, ">= 1")
+    # triplets per `encode` step of a process, split over its devices; 0 = one per device
+    encode_batch_size: int = ranged(0, ">= 0")
     report_dir: str = ""  # where the pipeline appends bad records (JSONL); empty = log only
     # data.source=video: InsViE's source augmentation, pixel noise of std exp(N(log_mean, log_std²)) (in [-1, 1]
     # units, one draw per clip) added to the source before the VAE; targets stay clean. Pre-encoded shards
     # (arrayrecord) hold clean posteriors and get none.
     source_noise: bool = True
     source_noise_log_mean: float = -3.0
-    source_noise_log_std: float = 0.5
+    source_noise_log_std: float = ranged(0.5, ">= 0")
     # Moving-shape triplets (data/synthetic_videos.py) for data.source=arrayrecord: > 0 = where a data.paths
     # folder has no manifest, write this many triplets (mp4 + InsViE CSV in <folder>/videos) and encode them
     # there first; empty data.paths = [<train.run_dir>/data]. generate_instructions: a subset of the
     # generator's instructions (empty = all).
-    generate: int = 0
+    generate: int = ranged(0, ">= 0")
     generate_instructions: list = dataclasses.field(default_factory=list)
     # `insvie-jax filter` thresholds; a triplet failing any is rejected with the failing score named.
-    filter_frames: int = 17  # frames scored per clip
-    filter_size: int = 64  # scoring resolution (shorter side, pixels)
-    filter_min_motion: float = 0.004  # mean |frame difference| in [0, 1]: below = static
-    filter_max_motion: float = 0.15  # above = chaotic (cuts, flashes, noise)
-    filter_min_sharpness: float = 20.0  # variance of the Laplacian (0-255 grayscale): below = blurred
-    filter_min_brightness: float = 0.08  # mean level in [0, 1]
-    filter_max_brightness: float = 0.92
-    filter_max_clipped: float = 0.25  # fraction of pixels at 0 or 255
-    filter_max_duplicate: float = 0.5  # fraction of consecutive frame pairs that are near-identical
-    filter_max_black: float = 0.1  # fraction of black frames
-    filter_min_consistency: float = 0.2  # SSIM(source, edit): below = the edit replaced the whole clip
-    filter_max_consistency: float = 0.995  # above = the edit changed nothing
-    filter_max_fps_ratio: float = 1.01  # max(fps) / min(fps) of source and edit
+    filter_frames: int = ranged(17, ">= 1")  # frames scored per clip
+    filter_size: int = ranged(64, ">= 1")  # scoring resolution (shorter side, pixels)
+    filter_min_motion: float = ranged(0.004, "[0, 1]")  # mean |frame difference| in [0, 1]: below = static
+    filter_max_motion: float = ranged(0.15, "[0, 1]")  # above = chaotic (cuts, flashes, noise)
+    filter_min_sharpness: float = ranged(20.0, ">= 0")  # variance of the Laplacian (0-255 grayscale): below = blurred
+    filter_min_brightness: float = ranged(0.08, "[0, 1]")  # mean level in [0, 1]
+    filter_max_brightness: float = ranged(0.92, "[0, 1]")
+    filter_max_clipped: float = ranged(0.25, "[0, 1]")  # fraction of pixels at 0 or 255
+    filter_max_duplicate: float = ranged(0.5, "[0, 1]")  # fraction of consecutive frame pairs that are near-identical
+    filter_max_black: float = ranged(0.1, "[0, 1]")  # fraction of black frames
+    # SSIM(source, edit): below = the edit replaced the whole clip
+    filter_min_consistency: float = ranged(0.2, "[-1, 1]")
+    filter_max_consistency: float = ranged(0.995, "[-1, 1]")  # above = the edit changed nothing
+    filter_max_fps_ratio: float = ranged(1.01, ">= 1")  # max(fps) / min(fps) of source and edit
     # Optional VLM judge: "" = none; "http(s)://..." = JSON endpoint; "module:function" = Python callable.
     filter_judge: str = ""
     filter_min_judge_score: float = 0.5
-    filter_judge_frames: int = 3
-    filter_judge_batch: int = 8  # concurrent requests
-    filter_judge_retries: int = 3
-    filter_judge_timeout: float = 60.0
+    filter_judge_frames: int = ranged(3, ">= 1")
+    filter_judge_batch: int = ranged(8, ">= 1")  # concurrent requests
+    filter_judge_retries: int = ranged(3, ">= 0")
+    filter_judge_timeout: float = ranged(60.0, "> 0")
     filter_judge_cache: str = ""  # folder of cached judge scores; empty = no cache
 
 
 @dataclasses.dataclass
 class TrainConfig:
     run_dir: str = "runs/default"
-    steps: int = 1000  # train steps; each takes one global batch of data.batch_size
-    seed: int = 0
-    lr: float = 1e-4
-    warmup_steps: int = 0  # in optimizer updates (steps / grad_accum)
-    schedule: str = "cosine"  # after warmup: "cosine" (decay to 0 at the last update) | "constant"
-    grad_accum: int = 1  # optimizer update every grad_accum steps, on the mean gradient (optax.MultiSteps)
-    ema_decay: float = 0.0  # EMA of the trainable weights, saved beside them; 0 = off
+    steps: int = ranged(1000, ">= 0")  # train steps; each takes one global batch of data.batch_size
+    seed: int = ranged(0, ">= 0")
+    lr: float = ranged(1e-4, "> 0")
+    warmup_steps: int = ranged(0, ">= 0")  # in optimizer updates (steps / grad_accum)
+    schedule: Literal["cosine", "constant"] = "cosine"  # after warmup; cosine decays to 0 at the last update
+    # optimizer update every grad_accum steps, on the mean gradient (optax.MultiSteps)
+    grad_accum: int = ranged(1, ">= 1")
+    ema_decay: float = ranged(0.0, "[0, 1)")  # EMA of the trainable weights, saved beside them; 0 = off
     init_from: str = ""  # SAT / diffusers / native transformer checkpoint to start from; empty = random init
-    max_nonfinite_in_a_row: int = 10  # steps with a non-finite loss/gradient are skipped; this many in a row stop
-    weight_decay: float = 1e-4
-    adam_b1: float = 0.9
-    adam_b2: float = 0.95
-    adam_eps: float = 1e-8
-    grad_clip: float = 1.0
-    frame_loss_weight: float = 0.5
-    text_dropout: float = 0.1
-    source_dropout: float = 0.05
-    source_dropout_per: str = "batch"  # "batch": one draw per step (InsViE) | "sample"
-    log_every: int = 10
+    # steps with a non-finite loss/gradient are skipped; this many in a row stop
+    max_nonfinite_in_a_row: int = ranged(10, ">= 1")
+    weight_decay: float = ranged(1e-4, ">= 0")
+    adam_b1: float = ranged(0.9, "[0, 1)")
+    adam_b2: float = ranged(0.95, "[0, 1)")
+    adam_eps: float = ranged(1e-8, ">= 0")
+    grad_clip: float = ranged(1.0, "> 0")
+    frame_loss_weight: float = ranged(0.5, ">= 0")
+    text_dropout: float = ranged(0.1, "[0, 1]")
+    source_dropout: float = ranged(0.05, "[0, 1]")
+    source_dropout_per: Literal["batch", "sample"] = "batch"  # "batch": one draw per step (InsViE) | "sample"
+    log_every: int = ranged(10, ">= 1")
     # Validation edits (train/validate.py): every this many steps, 0 = off; of up to num_val_clips clips
     # (the eval split's first, or the first synthetic batch's), with val_sample_steps sampler steps.
-    sample_every: int = 0
-    num_val_clips: int = 2
-    val_sample_steps: int = 10
+    sample_every: int = ranged(0, ">= 0")
+    num_val_clips: int = ranged(2, ">= 1")
+    val_sample_steps: int = ranged(10, ">= 1")
 
 
 @dataclasses.dataclass
 class LoraConfig:
     enabled: bool = False
-    rank: int = 128
+    rank: int = ranged(128, ">= 1")
     alpha: float = 1.0
     targets: list = dataclasses.field(default_factory=lambda: ["qkv", "attn_out"])
     also_train: list = dataclasses.field(default_factory=lambda: ["proj_edit"])
@@ -311,24 +357,24 @@ class LoraConfig:
 
 @dataclasses.dataclass
 class CheckpointConfig:
-    every: int = 1000  # save every this many steps (and at the end, and on SIGTERM)
-    keep: int = 3  # the newest this many are kept ...
-    keep_every: int = 0  # ... plus every step divisible by this; 0 = none
+    every: int = ranged(1000, ">= 1")  # save every this many steps (and at the end, and on SIGTERM)
+    keep: int = ranged(3, ">= 1")  # the newest this many are kept ...
+    keep_every: int = ranged(0, ">= 0")  # ... plus every step divisible by this; 0 = none
     async_save: bool = True  # write in the background while training goes on
 
 
 @dataclasses.dataclass
 class SampleConfig:
-    steps: int = 50
-    text_scale: float = 7.5
-    source_scale: float = 1.2
-    guidance_schedule: str = "insvie"  # "insvie" | "cosine" | "constant"
-    guidance_exponent: int = 5  # the cosine schedule's power (InsViE's `exp`)
+    steps: int = ranged(50, ">= 1")
+    text_scale: float = ranged(7.5, ">= 0")
+    source_scale: float = ranged(1.2, ">= 0")
+    guidance_schedule: Literal["insvie", "cosine", "constant"] = "insvie"
+    guidance_exponent: int = ranged(5, ">= 0")  # the cosine schedule's power (InsViE's `exp`)
     # "dpmpp_2m_sde": SAT's VP-SDE DPM++(2M) exactly as InsViE samples; "cogvideox_dpm" / "ddim": diffusers'
     # CogVideoXDPMScheduler / CogVideoXDDIMScheduler (trailing spacing).
-    sampler: str = "dpmpp_2m_sde"
-    fps: int = 7
-    seed: int = 0
+    sampler: Literal["dpmpp_2m_sde", "cogvideox_dpm", "ddim"] = "dpmpp_2m_sde"
+    fps: int = ranged(7, ">= 1")
+    seed: int = ranged(0, ">= 0")
 
 
 @dataclasses.dataclass
@@ -360,9 +406,34 @@ def _field_types(cls) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+# Words people write for a key, by the key's own name: `train.learning_rate` -> `train.lr`.
+_SYNONYMS = {"learning": "lr", "rate": "lr", "learningrate": "lr", "iterations": "steps", "iters": "steps",
+             "epochs": "steps", "bs": "batch_size", "batch": "batch_size", "layers": "num_layers",
+             "heads": "num_attention_heads", "frames": "num_frames", "warmup": "warmup_steps"}
+
+
 def _closest(key: str, valid: list[str], prefix: str) -> str:
-    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.0)
+    """'; did you mean ...?' naming the valid key that shares the most word parts with `key` (synonyms and
+    initials count: learning_rate -> lr), else the closest spelling."""
+    words = [w for w in key.lower().replace("-", "_").split("_") if w]
+    wanted = set(words) | {_SYNONYMS[w] for w in words if w in _SYNONYMS} | {"".join(w[0] for w in words)}
+    wanted |= {_SYNONYMS["".join(words)]} if "".join(words) in _SYNONYMS else set()
+
+    def overlap(name: str) -> int:
+        return len(wanted & ({name} | set(name.split("_")))) + 2 * (name in wanted)
+
+    best = max(valid, key=overlap, default=None)
+    if best is not None and overlap(best) >= 2 and difflib.SequenceMatcher(None, key, best).ratio() < 0.8:
+        match = [best]
+    else:
+        match = difflib.get_close_matches(key, valid, n=1, cutoff=0.0)
     return f"; did you mean '{prefix}{match[0]}'?" if match else ""
+
+
+def choices(key: str) -> tuple[str, ...]:
+    """The allowed values of a string key ("sample.sampler"), from its Literal type in the schema."""
+    section, name = key.split(".")
+    return typing.get_args(_field_types(_field_types(Config)[section])[name])
 
 
 def _coerce(path: str, value: Any, want: Any) -> Any:
@@ -377,6 +448,10 @@ def _coerce(path: str, value: Any, want: Any) -> Any:
         raise ConfigError(f"config key '{path}': expected {want}, got {value!r} ({type(value).__name__})")
     if want is Any:
         return value
+    if origin is Literal:
+        if value in typing.get_args(want):
+            return value
+        raise ConfigError(f"config key '{path}' = {value!r}: expected one of {', '.join(typing.get_args(want))}")
     if want is bool:
         if isinstance(value, bool):
             return value
@@ -407,10 +482,22 @@ def _coerce(path: str, value: Any, want: Any) -> Any:
     raise ConfigError(f"config key '{path}': expected {name}, got {value!r} ({type(value).__name__})")
 
 
+def _check_number(path: str, value: Any, field: dataclasses.Field) -> None:
+    """Every number must be finite, and within the field's `Range` when the schema gives one."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    if not math.isfinite(value):
+        raise ConfigError(f"config key '{path}' = {value}: must be a finite number")
+    allowed = field.metadata.get("range")
+    if allowed is not None and value not in allowed:
+        raise ConfigError(f"config key '{path}' = {value}: must {allowed}")
+
+
 def _build(cls, data: dict, prefix: str = ""):
     if not isinstance(data, dict):
         raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
     types_ = _field_types(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         path = prefix + key
@@ -421,6 +508,7 @@ def _build(cls, data: dict, prefix: str = ""):
             kwargs[key] = _build(want, value or {}, path + ".")
         else:
             kwargs[key] = _coerce(path, value, want)
+            _check_number(path, kwargs[key], fields[key])
     return cls(**kwargs)
 
 
@@ -486,8 +574,12 @@ def resolve_path(name: str | Path) -> Path:
     for candidate in (CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
         if candidate.exists():
             return candidate
-    presets = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-    raise ConfigError(f"config '{name}' is neither a file nor a preset; presets: {', '.join(presets)}")
+    raise ConfigError(f"config '{name}' is neither a file nor a preset; presets: {', '.join(presets())}")
+
+
+def presets() -> list[str]:
+    """The shipped presets: every YAML file in configs/ (sweep files live in configs/sweeps/)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
 def from_dict(data: dict) -> Config:
@@ -520,27 +612,6 @@ def latent_shape(config: Config) -> tuple[int, int, int, int]:
 # ---------------------------------------------------------------------------------------------------
 # Validation of derived values
 
-_CHOICES = {
-    "model.positions": ("sincos", "rope"),
-    "model.patch_embed": ("double_ch", "fix_proj"),
-    "model.attention": ("auto", "cudnn", "xla", "splash", "ring", "context_gather"),
-    "model.remat_policy": ("none", "full", "attention", "dots", "dots_no_batch"),
-    "model.dtype": ("float32", "bfloat16", "float16"),
-    "model.param_dtype": ("float32", "bfloat16"),
-    # No float16: T5 v1.1 feed-forward activations overflow it (Hugging Face clamps; bf16 needs no clamp).
-    "text_encoder.dtype": ("float32", "bfloat16"),
-    "text_encoder.param_dtype": ("float32", "bfloat16"),
-    "sample.guidance_schedule": ("insvie", "cosine", "constant"),
-    "sample.sampler": ("dpmpp_2m_sde", "cogvideox_dpm", "ddim"),
-    "vae.dtype": ("float32", "bfloat16", "float16"),
-    "vae.param_dtype": ("float32", "bfloat16"),
-    "data.source": ("synthetic", "arrayrecord", "video"),
-    "data.crop": ("random", "center"),
-    "train.schedule": ("cosine", "constant"),
-    "train.source_dropout_per": ("batch", "sample"),
-}
-
-
 def _validate_vae(v: VAEConfig) -> None:
     levels = len(v.block_out_channels) - 1
     if v.spatial_compression != 2**levels:
@@ -554,11 +625,6 @@ def _validate_vae(v: VAEConfig) -> None:
     bad = [c for c in v.block_out_channels if c % v.norm_num_groups]
     if bad:
         raise ConfigError(f"vae.block_out_channels {bad} are not divisible by vae.norm_num_groups={v.norm_num_groups}")
-    if v.encode_frame_batch < 0 or v.decode_frame_batch < 0:
-        raise ConfigError("vae.encode_frame_batch / vae.decode_frame_batch must be >= 0 (0 = all frames in one pass)")
-    for key in ("tile_overlap_height", "tile_overlap_width"):
-        if not 0 <= getattr(v, key) < 1:
-            raise ConfigError(f"vae.{key}={getattr(v, key)} must be in [0, 1)")
     if min(v.tile_sample_height, v.tile_sample_width) < v.spatial_compression:
         raise ConfigError(
             f"vae.tile_sample_height/width must be at least vae.spatial_compression={v.spatial_compression}"
@@ -580,20 +646,9 @@ def _validate_data(d: DataConfig, step: int) -> None:
     if d.source != "synthetic" and not d.paths and not d.generate:
         raise ConfigError(f"data.source={d.source!r} needs data.paths (shard folders for 'arrayrecord', triplet "
                           "lists for 'video')")
-    if d.generate < 0 or d.source_noise_log_std < 0:
-        raise ConfigError("data.generate and data.source_noise_log_std must be >= 0")
-    if (d.fps <= 0 or min(d.skip_frames, d.num_workers, d.encode_batch_size) < 0
-            or min(d.prefetch, d.shard_size, d.read_threads) < 1):
-        raise ConfigError("data.fps must be > 0, data.skip_frames, data.num_workers and data.encode_batch_size >= 0, "
-                          "data.prefetch, data.shard_size and data.read_threads >= 1")
 
 
 def validate(config: Config) -> None:
-    for path, options in _CHOICES.items():
-        section, key = path.split(".")
-        value = getattr(getattr(config, section), key)
-        if value not in options:
-            raise ConfigError(f"config key '{path}' = {value!r}: expected one of {', '.join(options)}")
     _validate_vae(config.vae)
     m, d = config.model, config.data
     if m.hidden_size % 4 or (m.positions == "sincos" and m.hidden_size % 16):
@@ -601,7 +656,7 @@ def validate(config: Config) -> None:
             f"model hidden size {m.hidden_size} (heads x head_dim) must be divisible by 16 for sin-cos positions"
         )
     splash_blocks = {k: getattr(m, k) for k in ("splash_block_q", "splash_block_kv", "splash_block_kv_compute")}
-    bad = [f"{k}={b}" for k, b in splash_blocks.items() if b < 0 or b % 128]
+    bad = [f"{k}={b}" for k, b in splash_blocks.items() if b % 128]
     if bad:
         raise ConfigError(f"model.{', model.'.join(bad)}: splash block sizes must be positive multiples of 128 "
                           "(or 0: chosen for the TPU generation)")
@@ -633,18 +688,6 @@ def validate(config: Config) -> None:
     if not 1 <= config.sample.steps <= config.diffusion.num_train_timesteps:
         raise ConfigError(f"sample.steps={config.sample.steps} must be between 1 and diffusion.num_train_timesteps "
                           f"({config.diffusion.num_train_timesteps})")
-    if config.lora.enabled and config.lora.rank <= 0:
-        raise ConfigError(f"lora.rank={config.lora.rank} must be positive")
-    t = config.train
-    for key in ("grad_accum", "max_nonfinite_in_a_row", "log_every", "num_val_clips", "val_sample_steps"):
-        if getattr(t, key) < 1:
-            raise ConfigError(f"train.{key}={getattr(t, key)} must be at least 1")
-    if t.sample_every < 0:
-        raise ConfigError(f"train.sample_every={t.sample_every} must be >= 0 (0 = no validation edits)")
-    if not 0 <= t.ema_decay < 1:
-        raise ConfigError(f"train.ema_decay={t.ema_decay} must be in [0, 1) (0 = no EMA)")
-    if config.checkpoint.every < 1 or config.checkpoint.keep < 1 or config.checkpoint.keep_every < 0:
-        raise ConfigError("checkpoint.every and checkpoint.keep must be at least 1, checkpoint.keep_every >= 0")
 
 
 # ---------------------------------------------------------------------------------------------------

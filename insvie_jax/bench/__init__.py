@@ -125,6 +125,18 @@ def _reference_available(workload: Workload) -> bool:
     return workload.reference is not None and all(importlib.util.find_spec(m) for m in workload.needs)
 
 
+def _reference_skipped(workload: Workload, args) -> str | None:
+    """Why a workload that has a reference runs without it (printed under its row), or None."""
+    if workload.reference is None or args.reference == "none":
+        return None
+    if args.processes > 1:
+        return f"reference skipped: it runs in one process (--processes {args.processes})"
+    missing = [m for m in workload.needs if not importlib.util.find_spec(m)]
+    if missing:
+        return f"reference skipped: {', '.join(missing)} not installed (pip install 'insvie-jax[test]')"
+    return None
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -179,6 +191,10 @@ def _fmt(value, spec: str) -> str:
     return format(value, spec) if isinstance(value, (int, float)) else "-"
 
 
+def _ratio(value, width: int) -> str:
+    return f"{_fmt(value, '.2f')}x".rjust(width) if isinstance(value, (int, float)) else "-".rjust(width)
+
+
 def format_table(rows: list[dict]) -> str:
     header = (f"{'workload':40} {'ours s':>9} {'compile s':>9} {'peak GiB':>8} {'TFLOP/s':>8} {'MFU':>6} "
               f"{'ref s':>9} {'ref GiB':>8} {'speedup':>8} {'mem x':>6} {'rel diff':>9}")
@@ -188,14 +204,14 @@ def format_table(rows: list[dict]) -> str:
         lines.append(f"{r['label'][:40]:40} {_fmt(o.get('median_s'), '9.4f')} {_fmt(o.get('compile_s'), '9.1f')} "
                      f"{_fmt(o.get('peak_gib'), '8.2f')} {_fmt(o.get('tflops'), '8.1f')} {_fmt(o.get('mfu'), '6.1%')} "
                      f"{_fmt(ref.get('median_s'), '9.4f')} {_fmt(ref.get('peak_gib'), '8.2f')} "
-                     f"{_fmt(r.get('speedup'), '7.2f')}x {_fmt(r.get('memory_ratio'), '5.2f')}x "
+                     f"{_ratio(r.get('speedup'), 8)} {_ratio(r.get('memory_ratio'), 6)} "
                      f"{_fmt(r.get('rel_diff'), '9.2e')}")
         for side, result in (("ours", o), ("reference", ref)):
             if "error" in result:
                 last = result["error"].strip().splitlines()[-1] if result["error"].strip() else "?"
                 lines.append(f"    {side} failed: {last[:200]}")
             elif "skipped" in result:
-                lines.append(f"    {side}: {result['skipped']}")
+                lines.append(f"    {result['skipped']}" if side == "reference" else f"    {side}: {result['skipped']}")
         if "samples_per_s" in o and r["workload"] in ("train_step", "pipeline", "pipeline_video"):
             lines.append(f"    {o['samples_per_s']:.3f} samples/s")
         if "profile" in o:
@@ -253,7 +269,8 @@ def run(args) -> int:
                 ours["peak_gib_per_process"] = [p.get("peak_gib") for p in per_process]
                 ours["errors_per_process"] = [p["error"] for p in per_process if "error" in p] or None
             ours["wall_s"] = time.perf_counter() - started
-            ref = None
+            skipped = _reference_skipped(workload, args)
+            ref = {"skipped": skipped} if skipped else None
             if with_ref and "error" not in ours:
                 print(f"[{i + 1}/{len(rows)}] {row.label}: reference ... (ours: {_fmt(ours.get('median_s'), '.4f')} s, "
                       f"{_fmt(ours.get('peak_gib'), '.2f')} GiB)", file=sys.stderr, flush=True)

@@ -55,7 +55,7 @@ def pipeline_video(cfg, options: dict) -> Prepared:
     d = cfg.data
     csv = _write_clips(Path(options["scratch"]) / "clips", 3, 2 * d.num_frames, d.height, d.width, int(d.fps))
     report = BadSamples()
-    triplets = read_list(csv, d.video_roots, report)
+    triplets = read_list(csv, d.video_roots, report, d.allow_outside_root)
     calls = {"n": 0}
 
     def step():

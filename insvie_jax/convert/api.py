@@ -37,7 +37,6 @@ NATIVE_FORMAT = "insvie-jax-transformer"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX = WEIGHTS + ".index.json"
 MAX_SHARD_BYTES = 10 * 2**30  # diffusers' default shard size
-PRESETS = ("cogvideox-2b-edit", "cogvideox-5b-edit", "tiny")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -63,12 +62,11 @@ def detect_format(path: str | Path) -> str:
 
 
 def _preset_hint(found: dict[str, tuple]) -> str:
-    """Names the shipped preset whose parameter shapes the checkpoint has, if any."""
-    for name in PRESETS:
-        cfg = config_lib.load(name).model
-        if param_shapes(tr.abstract(cfg)) == found:
-            return f"\nthe tensors fit preset '{name}' (configs/{name}.yaml): use that config"
-    return ""
+    """Names the shipped presets (configs/*.yaml) whose parameter shapes the checkpoint has, if any."""
+    fitting = [name for name in config_lib.presets() if param_shapes(tr.abstract(config_lib.load(name).model)) == found]
+    if not fitting:
+        return ""
+    return f"\nthe tensors fit preset {', '.join(repr(n) for n in fitting)} (configs/): use that config"
 
 
 def check_flat(flat: dict[str, np.ndarray], cfg: ModelConfig, what: str) -> None:
@@ -119,7 +117,10 @@ def _read_sat(path: Path, sat_config, merge_lora: bool, progress: Progress):
             sd, adapters = sat_keys.split_lora(sd)
     if "mixins.patch_embed.proj_edit.weight" not in sd and f"{sat_keys.T2V_PROJ}.weight" in sd:
         sd = {**sd, **{f"mixins.patch_embed.proj_edit.{k}": sd[f"{sat_keys.T2V_PROJ}.{k}"] for k in ("weight", "bias")}}
-    cfg = sat_keys.infer_config(sd, sat_config)
+    try:
+        cfg = sat_keys.infer_config(sd, sat_config)
+    except sat_keys.SatFormatError as err:
+        raise sat_keys.SatFormatError(f"{path}: {err}") from None
     sd = sat_keys.loadable_keys(sd)
     # The 16-channel `proj` is dead weight in the edit model (and absent from a 5B-style file): not checked.
     expected = sat_keys.sat_shapes(cfg)
@@ -157,8 +158,6 @@ def _diffusers_dir(path: Path) -> Path:
 
 
 def _read_diffusers(path: Path, progress: Progress):
-    from safetensors import safe_open
-
     path = _diffusers_dir(path)
     config = json.loads((path / "config.json").read_text())
     if config.get("_class_name", "CogVideoXTransformer3DModel") != "CogVideoXTransformer3DModel":
@@ -166,15 +165,19 @@ def _read_diffusers(path: Path, progress: Progress):
     cfg = diffusers_keys.config_from_diffusers(config)
     sd = {}
     for name in files.safetensors_files(path, WEIGHTS):
-        with safe_open(path / name, framework="numpy") as f:
-            for key in progress(list(f.keys()), f"read {name}"):
-                sd[key] = f.get_tensor(key)
+        sd.update(files.read_safetensors(path / name, progress))
     sd.pop("patch_embed.pos_embedding", None)  # a recomputed buffer
     expected = _diffusers_names(cfg)
     missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
     if missing or unexpected:
         raise ParamMismatch(f"diffusers checkpoint {path} does not fit its config.json:\nmissing ({len(missing)}): "
                             f"{', '.join(missing[:20])}\nunexpected ({len(unexpected)}): {', '.join(unexpected[:20])}")
+    expected = diffusers_keys.diffusers_shapes(param_shapes(tr.abstract(cfg)), cfg)
+    wrong = [f"{k}: expected {expected[k]}, found {tuple(sd[k].shape)}" for k in sorted(sd)
+             if tuple(sd[k].shape) != tuple(expected[k])]
+    if wrong:
+        raise ParamMismatch(f"diffusers checkpoint {path}: {len(wrong)} tensor(s) do not have the shape its "
+                            f"config.json gives: {'; '.join(wrong[:5])}")
     try:
         flat = diffusers_keys.transformer_from_diffusers(sd, cfg)
     except ValueError as err:  # a tensor that cannot take its layout in our model
@@ -207,7 +210,7 @@ def read_flat(path: str | Path, sat_config=None, merge_lora: bool = True,
     if fmt == "sat":
         flat, cfg, lora = _read_sat(path, sat_config, merge_lora, progress)
         if lora is not None:
-            raise ValueError(
+            raise sat.ConvertError(
                 f"{path} holds LoRA adapters (matrix_A/matrix_B); flat params hold merged weights: pass "
                 "merge_lora=True (CLI: --merge-lora), or load_transformer(merge_lora=False) to keep the adapters"
             )
@@ -227,7 +230,7 @@ def write_flat(flat: dict[str, np.ndarray], cfg: ModelConfig, path: str | Path, 
     if format not in FORMATS:
         raise ValueError(f"format {format!r}: expected one of {', '.join(FORMATS)}")
     check_flat(flat, cfg, "parameters to save")
-    with files.staged(path) as tmp:
+    with files.staged(path, files.output_bytes(flat, dtype)) as tmp:
         if format == "native":
             files.write_native(files.cast(flat, dtype, progress), NATIVE_FORMAT, "model", cfg, tmp, progress)
         elif format == "diffusers":
@@ -343,6 +346,9 @@ def convert_main(src: str, dst: str, to: str = "native", dtype: str = "fp32", me
     if model == "transformer" and config is not None:
         raise UnsupportedConversion(f"{src} is a transformer: its sizes come from the checkpoint or --sat-config, "
                                     "not --config")
+
+    if to == "sat":
+        sat.require_torch()  # before reading anything: the SAT writer is torch.save
 
     def progress(iterable, desc):
         items = list(iterable)

@@ -12,6 +12,7 @@ import dataclasses
 import numpy as np
 
 from insvie_jax.config import ModelConfig
+from insvie_jax.convert.sat import NotACheckpoint
 
 _BLOCK_NORMS = ("norm1", "norm2")
 
@@ -75,6 +76,16 @@ def transformer_from_diffusers(sd: dict[str, np.ndarray], cfg: ModelConfig) -> d
 
 def transformer_to_diffusers(flat: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, np.ndarray]:
     """Our flat params -> a diffusers state dict that `CogVideoXTransformer3DModel(in_channels=2C)` loads."""
+    return {k: np.ascontiguousarray(v) for k, v in _diffusers_views(flat, cfg).items()}
+
+
+def diffusers_shapes(our_shapes: dict[str, tuple], cfg: ModelConfig) -> dict[str, tuple]:
+    """The diffusers state-dict shapes of our parameters of these shapes (no memory: zero-stride views)."""
+    zeros = {k: np.broadcast_to(np.float32(0), s) for k, s in our_shapes.items()}
+    return {k: v.shape for k, v in _diffusers_views(zeros, cfg).items()}
+
+
+def _diffusers_views(flat: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, np.ndarray]:
     if cfg.patch_embed != "double_ch":
         raise ValueError("diffusers has no fix_proj patch embedding; only model.patch_embed=double_ch converts")
     d = cfg.hidden_size
@@ -121,7 +132,7 @@ def transformer_to_diffusers(flat: dict[str, np.ndarray], cfg: ModelConfig) -> d
         sd[pre + "ff.net.0.proj.bias"] = layer("blocks.ff.w1.bias")
         sd[pre + "ff.net.2.weight"] = layer("blocks.ff.w2.kernel").T
         sd[pre + "ff.net.2.bias"] = layer("blocks.ff.w2.bias")
-    return {k: np.ascontiguousarray(v) for k, v in sd.items()}
+    return sd
 
 
 def diffusers_config(cfg: ModelConfig) -> dict:
@@ -171,7 +182,7 @@ def config_from_diffusers(config: dict, base: ModelConfig | None = None) -> Mode
     """
     for key, want in _FIXED.items():
         if config.get(key, want) != want:
-            raise ValueError(f"diffusers config {key}={config[key]!r} is not supported (only {want!r})")
+            raise NotACheckpoint(f"diffusers config {key}={config[key]!r} is not supported (only {want!r})")
     base = base or ModelConfig()
     defaults = diffusers_config(base)
     get = lambda key: config.get(key, defaults[key])  # noqa: E731

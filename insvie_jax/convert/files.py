@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -19,7 +21,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from insvie_jax.convert.sat import NotACheckpoint
+from insvie_jax.convert.sat import ConvertError, NotACheckpoint
 
 DTYPES = {"fp32": np.float32, "bf16": ml_dtypes.bfloat16, "fp16": np.float16}
 
@@ -36,18 +38,55 @@ def cast(arrays: dict[str, np.ndarray], dtype: str, progress: Progress = quiet) 
     return {k: np.asarray(v).astype(DTYPES[dtype], copy=False) for k, v in progress(arrays.items(), f"cast {dtype}")}
 
 
+def output_bytes(flat: dict[str, np.ndarray], dtype: str) -> int:
+    """Bytes of the tensors of `flat` written in `dtype` (a lower bound of the files' size)."""
+    return sum(int(np.size(v)) for v in flat.values()) * np.dtype(DTYPES.get(dtype, np.float32)).itemsize
+
+
+# Below this much free space after a failed write, the failure is taken for a full disk: torch reports one as
+# "iostream error" / "unexpected pos" without the OS error.
+NEARLY_FULL_BYTES = 1 << 20
+
+
+def _out_of_space(err: BaseException, folder: Path) -> bool:
+    seen = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        if any(s in str(seen) for s in ("No space left on device", "os error 28", "os_error_code='28'")):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return shutil.disk_usage(folder).free < NEARLY_FULL_BYTES
+    except OSError:
+        return False
+
+
+def _no_space(path: Path, needed: int = 0) -> ConvertError:
+    want = f" (needs at least {needed / 2**20:.1f} MiB)" if needed else ""
+    return ConvertError(f"no space left on {path.parent}{want}; nothing written to {path}: free some space or "
+                        "choose another destination")
+
+
 @contextlib.contextmanager
-def staged(path: str | Path) -> Iterator[Path]:
+def staged(path: str | Path, nbytes: int = 0) -> Iterator[Path]:
     """Yields a temporary sibling of `path` to write into; renamed to `path` only when the block succeeds, so
-    an interrupted write leaves nothing half-written under the target name."""
+    an interrupted write leaves nothing half-written under the target name. `nbytes` (the tensors' size) is
+    checked against the free space first; a disk that fills up during the write is reported the same way."""
     path = Path(path).absolute()
     if path.exists():
         raise FileExistsError(f"{path} exists; remove it or choose another destination")
     path.parent.mkdir(parents=True, exist_ok=True)
+    if nbytes and shutil.disk_usage(path.parent).free < nbytes:
+        raise _no_space(path, nbytes)
     tmp = path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}")
     try:
         yield tmp
         os.replace(tmp, path)
+    except Exception as err:
+        if _out_of_space(err, path.parent):
+            raise _no_space(path) from None
+        raise
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp)
@@ -77,7 +116,15 @@ def write_native(flat: dict[str, np.ndarray], tag: str, section: str, cfg, out: 
 
     out.mkdir(parents=True)
     (out / "config.json").write_text(json.dumps({"format": tag, section: dataclasses.asdict(cfg)}, indent=2))
-    ocp.PyTreeCheckpointer().save((out / "params").absolute(), dict(progress(flat.items(), "write native")))
+    # orbax also logs a failed write (e.g. a full disk) with tracebacks from its writer threads; the error itself
+    # reaches us and is reported once, by `staged`.
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.CRITICAL)
+    try:
+        ocp.PyTreeCheckpointer().save((out / "params").absolute(), dict(progress(flat.items(), "write native")))
+    finally:
+        absl_logger.setLevel(level)
 
 
 def read_native(path: str | Path, tag: str, progress: Progress = quiet) -> tuple[dict[str, np.ndarray], dict]:
@@ -122,6 +169,18 @@ def write_safetensors(sd: dict[str, np.ndarray], out: Path, weights: str, max_sh
         weight_map.update(dict.fromkeys(shard, name))
     index = {"metadata": {"total_size": sum(v.nbytes for v in sd.values())}, "weight_map": weight_map}
     (out / (weights + ".index.json")).write_text(json.dumps(index, indent=2))
+
+
+def read_safetensors(file: Path, progress: Progress = quiet) -> dict[str, np.ndarray]:
+    """The tensors of one safetensors file; a truncated or corrupt file raises NotACheckpoint naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(file, framework="numpy") as f:
+            return {key: f.get_tensor(key) for key in progress(list(f.keys()), f"read {file.name}")}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise NotACheckpoint(f"{file} is not a readable safetensors file (truncated or corrupt: "
+                             f"{str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
 
 
 def safetensors_files(folder: Path, weights: str) -> list[str]:

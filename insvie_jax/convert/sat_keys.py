@@ -18,6 +18,7 @@ import re
 import numpy as np
 
 from insvie_jax.config import ModelConfig
+from insvie_jax.convert.sat import ConvertError
 from insvie_jax.convert.diffusers_keys import transformer_from_diffusers, transformer_to_diffusers
 from insvie_jax.models import embeddings
 
@@ -54,7 +55,7 @@ _QKV = "transformer.layers.{i}.attention.query_key_value"
 _ADALN = "mixins.adaln_layer.adaLN_modulations.{i}.1"
 
 
-class SatFormatError(ValueError):
+class SatFormatError(ConvertError):
     """A SAT state dict that cannot be read as the editing transformer; the message says why."""
 
 

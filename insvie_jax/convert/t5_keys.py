@@ -27,6 +27,7 @@ from insvie_jax import config as config_lib
 from insvie_jax.config import MeshConfig, TextEncoderConfig
 from insvie_jax.convert import files
 from insvie_jax.convert.files import Progress, quiet
+from insvie_jax.convert.sat import NotACheckpoint
 from insvie_jax.models import t5
 from insvie_jax.models.params import check_params, flat_params
 from insvie_jax.parallel.sharding import logical_to_spec
@@ -175,14 +176,14 @@ def config_from_hf(hf: dict, base: TextEncoderConfig | None = None) -> TextEncod
     """A `T5Config` dict (config.json) -> our config; sizes from `hf`, runtime choices (dtype...) from `base`."""
     # transformers derives the activation from feed_forward_proj ("gated-gelu" means gelu_new, tanh form).
     if hf.get("feed_forward_proj") != "gated-gelu":
-        raise ValueError(
+        raise NotACheckpoint(
             f"T5 config has feed_forward_proj={hf.get('feed_forward_proj')!r}: only T5 v1.1 'gated-gelu' "
             "encoders (such as t5-v1_1-xxl) are supported"
         )
     try:
         sizes = {key: hf[key] for key in ("vocab_size", "d_model", "d_kv", "num_heads", "num_layers", "d_ff")}
     except KeyError as err:
-        raise ValueError(f"T5 config.json lacks {err.args[0]!r}; is this a Hugging Face T5 folder?") from err
+        raise NotACheckpoint(f"T5 config.json lacks {err.args[0]!r}; is this a Hugging Face T5 folder?") from err
     return dataclasses.replace(
         base or TextEncoderConfig(),
         **sizes,
@@ -236,7 +237,7 @@ class _SafetensorsFolder:
     """Tensor name -> numpy array, across one `model.safetensors` or the shards of an index file."""
 
     def __init__(self, folder: Path):
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         index = folder / "model.safetensors.index.json"
         if index.exists():
@@ -246,7 +247,11 @@ class _SafetensorsFolder:
             files = sorted(p.name for p in folder.glob("*.safetensors"))
             if not files:
                 raise FileNotFoundError(f"no *.safetensors in {folder}: save the T5 with safe_serialization=True")
-        self._handles = {name: safe_open(folder / name, framework="numpy") for name in files}
+        try:
+            self._handles = {name: safe_open(folder / name, framework="numpy") for name in files}
+        except (SafetensorError, OSError) as err:  # a truncated or corrupt file
+            raise NotACheckpoint(f"{folder}: not a readable safetensors file among {', '.join(files)} "
+                                 f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
         self._file_of = {key: name for name, h in self._handles.items() for key in h.keys()}
         if EMBED_KEY not in self._file_of and SHARED_KEY in self._file_of:
             self._file_of[EMBED_KEY] = self._file_of[SHARED_KEY]
@@ -377,7 +382,7 @@ def write_t5(flat: dict[str, np.ndarray], cfg: TextEncoderConfig, path: str | Pa
             raise FileNotFoundError(f"no T5 tokenizer files ({', '.join(TOKENIZER_FILES)}) in {tokenizer_from} "
                                     "or its tokenizer/ folder")
         tokenizer = [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
-    with files.staged(path) as tmp:
+    with files.staged(path, files.output_bytes(flat, dtype)) as tmp:
         if format == "native":
             files.write_native(files.cast(flat, dtype, progress), NATIVE_FORMAT, "text_encoder", cfg, tmp, progress)
         else:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import pickle
 import re
 from pathlib import Path
 
@@ -179,7 +178,7 @@ def vae_config_from_diffusers(config: dict, base: VAEConfig | None = None) -> VA
     base = base or VAEConfig()
     unsupported = {k: config[k] for k, v in _FIXED_CONFIG.items() if k in config and config[k] != v}
     if unsupported:
-        raise ValueError(f"unsupported AutoencoderKLCogVideoX config {unsupported}: only {_FIXED_CONFIG} "
+        raise NotACheckpoint(f"unsupported AutoencoderKLCogVideoX config {unsupported}: only {_FIXED_CONFIG} "
                          "is implemented")
     blocks = list(config.get("block_out_channels", base.block_out_channels))
     # diffusers derives the tile size from the config's sample size (half of it)
@@ -209,7 +208,7 @@ def _config_from_shapes(sd: dict[str, np.ndarray], base: VAEConfig) -> VAEConfig
         blocks.append(int(sd[f"encoder.down_blocks.{i}.resnets.0.conv1.conv.weight"].shape[0]))
         i += 1
     if not blocks:
-        raise ValueError("not a CogVideoX VAE state dict: no encoder.down.0.block.0.conv1 weights found")
+        raise NotACheckpoint("not a CogVideoX VAE state dict: no encoder.down.0.block.0.conv1 weights found")
     layers = len({k.split(".")[4] for k in sd if k.startswith("encoder.down_blocks.0.resnets.")})
     return vae_config_from_diffusers({
         "block_out_channels": blocks,
@@ -229,8 +228,6 @@ def vae_with_params(cfg: VAEConfig, flat: dict[str, np.ndarray], what: str = "VA
 
 def read_diffusers_folder(path: str | Path, progress: Progress = quiet) -> tuple[dict[str, np.ndarray], dict]:
     """A diffusers `vae/` folder -> (state dict as numpy, config.json). Needs no torch."""
-    from safetensors import safe_open
-
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.exists():
@@ -244,9 +241,7 @@ def read_diffusers_folder(path: str | Path, progress: Progress = quiet) -> tuple
         raise FileNotFoundError(f"{path}: missing {missing} (only safetensors weights are read)")
     sd = {}
     for name in names:
-        with safe_open(path / name, framework="numpy") as f:
-            for key in progress(list(f.keys()), f"read {name}"):
-                sd[key] = f.get_tensor(key)
+        sd.update(files.read_safetensors(path / name, progress))
     return sd, config
 
 
@@ -264,7 +259,7 @@ def is_sat_vae(path: str | Path) -> bool:
         return False
     try:
         saved = sat.torch_load(file)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError):  # not readable as weights: not a SAT VAE
+    except (NotACheckpoint, OSError):  # not readable as weights: not a SAT VAE
         # (the transformer reader, which gets everything else, names the problem)
         return False
     sd = saved.get("state_dict") if isinstance(saved, dict) else None
@@ -276,9 +271,9 @@ def read_sat_pt(path: str | Path, progress: Progress = quiet) -> dict[str, np.nd
     saved = sat.torch_load(path)
     sd = saved.get("state_dict", saved) if isinstance(saved, dict) else None
     if not isinstance(sd, dict):
-        raise ValueError(f"{path}: expected a dict with a 'state_dict' entry (SAT 3d-vae.pt)")
-    return sat_to_diffusers({k: v.float().numpy() if v.is_floating_point() else v.numpy()
-                             for k, v in progress(sd.items(), "read SAT VAE")})
+        raise NotACheckpoint(f"{path}: expected a dict with a 'state_dict' entry (SAT 3d-vae.pt)")
+    return sat_to_diffusers({str(k): v.float().numpy() if v.is_floating_point() else v.numpy()
+                             for k, v in progress(sd.items(), "read SAT VAE") if hasattr(v, "is_floating_point")})
 
 
 def _read(path: Path, base: VAEConfig, progress: Progress) -> tuple[dict[str, np.ndarray], VAEConfig, dict]:
@@ -341,7 +336,7 @@ def write_vae(flat: dict[str, np.ndarray], cfg: VAEConfig, path: str | Path, for
     if format not in FORMATS:
         raise ValueError(f"VAE format {format!r}: expected one of {', '.join(FORMATS)}")
     check_params(vae_shapes(cfg), {k: np.shape(v) for k, v in flat.items()}, "VAE parameters to save")
-    with files.staged(path) as tmp:
+    with files.staged(path, files.output_bytes(flat, dtype)) as tmp:
         if format == "native":
             files.write_native(files.cast(flat, dtype, progress), NATIVE_FORMAT, "vae", cfg, tmp, progress)
         elif format == "diffusers":
@@ -351,8 +346,7 @@ def write_vae(flat: dict[str, np.ndarray], cfg: VAEConfig, path: str | Path, for
             files.write_safetensors(files.cast(vae_to_diffusers(flat), dtype, progress), tmp, WEIGHTS,
                                     max_shard_bytes, progress)
         else:
-            import torch
-
+            torch = sat.require_torch()
             sd = files.cast(diffusers_to_sat(vae_to_diffusers(flat)), dtype, progress)
             state = {k: sat.to_torch(v, dtype) for k, v in progress(sd.items(), "write SAT VAE")}
             file = tmp if tmp.suffix in SAT_SUFFIXES else tmp / SAT_FILE

@@ -269,7 +269,7 @@ def encode_lists(cfg, list_paths, out_dir, *, show_progress: bool = True, device
                          f", now {digest}): encode into a new folder, or restore the config it was made with")
     if process == 0:
         _atomic_json(stamp, {"config_hash": digest, "lists": [str(p) for p in list_paths]})
-    triplets, list_report = read_lists(list_paths, cfg.data.video_roots)
+    triplets, list_report = read_lists(list_paths, cfg.data.video_roots, cfg.data.allow_outside_root)
     size = cfg.data.shard_size
     units = [triplets[i:i + size] for i in range(0, len(triplets), size)]
     mine = [u for u in range(len(units)) if u % num_processes == process]

@@ -28,6 +28,7 @@ import dataclasses
 import hashlib
 import importlib
 import json
+import os
 import time
 import urllib.error
 import urllib.request
@@ -299,9 +300,13 @@ def write_report(rows: list[dict], path: str | Path) -> None:
 
 
 def write_kept(rows: list[dict], path: str | Path) -> int:
-    """The kept triplets as a JSONL pair list (absolute paths), readable by `encode` and the pipeline."""
+    """The kept triplets as a JSONL pair list (absolute paths), readable by `encode` and the pipeline; its first
+    line declares the folder holding them all as the list's data root."""
     kept = [r for r in rows if r.get("keep")]
     with open(path, "w") as f:
+        if kept:
+            folders = [str(Path(r[k]).resolve().parent) for r in kept for k in ("source", "target")]
+            f.write(json.dumps({"root": os.path.commonpath(folders)}) + "\n")
         for r in kept:
             f.write(json.dumps({"source": str(Path(r["source"]).resolve()), "target": str(Path(r["target"]).resolve()),
                                 "instruction": r["instruction"]}) + "\n")

@@ -195,7 +195,7 @@ def _video_streams(cfg, train, process_index, process_count, batch, report, with
     load = LoadTriplet(cfg.data, with_names)
     for number, (path, weight) in enumerate(zip(cfg.data.paths, _weights(cfg))):
         list_report = BadSamples()
-        triplets = read_list(path, cfg.data.video_roots, list_report)
+        triplets = read_list(path, cfg.data.video_roots, list_report, cfg.data.allow_outside_root)
         for entry in list_report.entries:
             report({"__bad__": entry["sample"], "reason": entry["reason"]})
         for kind, members in (("video", [t for t in triplets if not t.is_image]),

@@ -5,8 +5,12 @@ List formats (paths relative to the list file's folder unless absolute):
   subfolder]; the source clip is `<csv dir>/<video_roots[0]>/<name>`, the edited clip
   `<csv dir>/<video_roots[1]>/<name>` (same file name), as InsViE's `SFTDataset_edit`.
 - Pair CSV: a header naming the columns `source`, `target` and `instruction` (extra columns are ignored).
-- JSONL: one object per line with keys `source`, `target`, `instruction`.
+- JSONL: one object per line with keys `source`, `target`, `instruction`; the first line may declare the list's
+  data root instead, `{"root": folder}` (as `insvie-jax filter --kept` writes).
 Pairs of images (png/jpg/webp/bmp) are 1-frame samples; other files are read as videos.
+
+Listed files must stay inside their data root: the list's folder (an InsViE CSV's video_roots, a JSONL's declared
+root); a row that leaves it with `../` or an absolute path is a bad row unless data.allow_outside_root is true.
 
 Nothing here raises on a bad sample: list rows that cannot be read and clips that cannot be used are
 recorded in a `BadSamples` report ({sample, reason}) and skipped by the caller.
@@ -20,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +32,8 @@ import numpy as np
 from insvie_jax.data.video import VideoError, is_image, probe, read_frames
 
 PAIR_COLUMNS = ("source", "target", "instruction")
+# Source and edit aspect ratios this close (|log ratio|, about 1%) are the same: even-size rounding of encoders.
+ASPECT_TOLERANCE = 0.01
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +87,22 @@ def _resolve(folder: Path, path: str) -> str:
     return str(p if p.is_absolute() else folder / p)
 
 
-def _read_csv(path: Path, video_roots: list[str], report: BadSamples) -> list[Triplet]:
+def _outside(path: str, root: Path) -> bool:
+    """Whether `path` leaves `root` (`../`, an absolute path elsewhere); by the names alone, so a symlink that the
+    data root itself holds stays usable."""
+    root_name = os.path.normpath(os.path.abspath(root))
+    return os.path.commonpath([root_name, os.path.normpath(os.path.abspath(path))]) != root_name
+
+
+def _outside_reason(pairs, allow_outside_root: bool) -> str | None:
+    """The bad-row reason when a (path, root) pair leaves its root and the config does not allow it."""
+    for path, root in pairs:
+        if not allow_outside_root and _outside(path, root):
+            return f"path outside the data root {root} (set data.allow_outside_root=true to allow it)"
+    return None
+
+
+def _read_csv(path: Path, video_roots: list[str], report: BadSamples, allow_outside_root: bool) -> list[Triplet]:
     folder = path.parent
     out: list[Triplet] = []
     # surrogateescape keeps undecodable bytes visible, so a broken row is reported rather than silently altered.
@@ -119,28 +141,37 @@ def _read_csv(path: Path, video_roots: list[str], report: BadSamples) -> list[Tr
                 fields = dict(zip(columns, row))
                 source, target, instruction = (fields[c].strip() for c in PAIR_COLUMNS)
                 source, target = _resolve(folder, source), _resolve(folder, target)
+                roots = (folder, folder)
             else:
                 if len(row) < 3 or not row[0].strip():
                     report.add(sample, f"unreadable CSV row ({len(row)} fields, want >= 3 with a video name)")
                     continue
                 name, instruction = row[0].strip(), row[2].strip()
-                source = _resolve(folder, str(Path(video_roots[0]) / name))
-                target = _resolve(folder, str(Path(video_roots[1]) / name))
+                roots = (folder / video_roots[0], folder / video_roots[1])
+                source, target = _resolve(roots[0], name), _resolve(roots[1], name)
             if not instruction:
                 report.add(sample, "empty instruction")
+                continue
+            outside = _outside_reason(zip((source, target), roots), allow_outside_root)
+            if outside:
+                report.add(f"{sample}:{Path(source).name}", outside)
                 continue
             out.append(Triplet(f"{sample}:{Path(source).name}", source, target, instruction))
     return out
 
 
-def _read_jsonl(path: Path, report: BadSamples) -> list[Triplet]:
+def _read_jsonl(path: Path, report: BadSamples, allow_outside_root: bool) -> list[Triplet]:
     out = []
+    root = path.parent
     for line_number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         sample = f"{path.name}:{line_number}"
         try:
             record = json.loads(line)
+            if not out and isinstance(record, dict) and set(record) == {"root"}:  # the declared data root
+                root = Path(_resolve(path.parent, str(record["root"])))
+                continue
             source, target, instruction = (str(record[k]).strip() for k in PAIR_COLUMNS)
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             report.add(sample, f"unreadable JSONL row ({type(err).__name__}: {err})")
@@ -149,24 +180,30 @@ def _read_jsonl(path: Path, report: BadSamples) -> list[Triplet]:
             report.add(sample, "empty instruction")
             continue
         source, target = _resolve(path.parent, source), _resolve(path.parent, target)
+        outside = _outside_reason(((source, root), (target, root)), allow_outside_root)
+        if outside:
+            report.add(f"{sample}:{Path(source).name}", outside)
+            continue
         out.append(Triplet(f"{sample}:{Path(source).name}", source, target, instruction))
     return out
 
 
-def read_list(path: str | Path, video_roots: list[str], report: BadSamples) -> list[Triplet]:
-    """The triplets of one list file (CSV or JSONL, see the module doc); unreadable rows go to `report`."""
+def read_list(path: str | Path, video_roots: list[str], report: BadSamples,
+              allow_outside_root: bool = False) -> list[Triplet]:
+    """The triplets of one list file (CSV or JSONL, see the module doc); unreadable rows, and rows naming files
+    outside the data root (unless `allow_outside_root`), go to `report`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"triplet list {path} not found (data.paths / the list argument)")
     if path.suffix.lower() in (".jsonl", ".json"):
-        return _read_jsonl(path, report)
-    return _read_csv(path, video_roots, report)
+        return _read_jsonl(path, report, allow_outside_root)
+    return _read_csv(path, video_roots, report, allow_outside_root)
 
 
-def read_lists(paths, video_roots: list[str]) -> tuple[list[Triplet], BadSamples]:
+def read_lists(paths, video_roots: list[str], allow_outside_root: bool = False) -> tuple[list[Triplet], BadSamples]:
     """The triplets of several list files, in order, and the report of their unreadable rows."""
     report = BadSamples()
-    triplets = [t for path in paths for t in read_list(path, video_roots, report)]
+    triplets = [t for path in paths for t in read_list(path, video_roots, report, allow_outside_root)]
     return triplets, report
 
 
@@ -271,6 +308,11 @@ def load_clip(triplet: Triplet, data_cfg, *, seed: int | None = 0, num_frames: i
             raise SampleError(f"source/edit frame counts differ ({src_info.num_frames} vs {tgt_info.num_frames})")
         indices = sample_frame_indices(src_info.num_frames, src_info.fps, frames_wanted, data_cfg.fps,
                                        data_cfg.skip_frames, data_cfg.pad_frames)
+    # The edit is resized to the source's size below: another aspect ratio would be stretched.
+    if data_cfg.aspect_mismatch == "reject" and abs(math.log(src_info.width / src_info.height * tgt_info.height /
+                                                              tgt_info.width)) > ASPECT_TOLERANCE:
+        raise SampleError(f"edit aspect ratio differs from the source ({tgt_info.width}x{tgt_info.height} vs "
+                          f"{src_info.width}x{src_info.height}; data.aspect_mismatch=stretch resizes it anyway)")
     target_hw = size or choose_resolution(src_info.height, src_info.width, data_cfg.buckets,
                                           (data_cfg.height, data_cfg.width))
     resized = cover_size(src_info.height, src_info.width, target_hw)

@@ -48,7 +48,8 @@ class InsvieEdit(tfds.core.GeneratorBasedBuilder):
         return {"train": self._generate_examples()}
 
     def _generate_examples(self):
-        triplets, report = sources.read_lists(self._lists, self._data_cfg.video_roots)
+        triplets, report = sources.read_lists(self._lists, self._data_cfg.video_roots,
+                                              self._data_cfg.allow_outside_root)
         for triplet in triplets:
             clip = sources.try_load_clip(triplet, self._data_cfg, report, seed=None)
             if clip is not None:

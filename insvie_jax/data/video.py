@@ -7,6 +7,7 @@ never a bare PyAV exception, so callers can count and name bad samples without c
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 from fractions import Fraction
 from pathlib import Path
@@ -41,18 +42,30 @@ def is_image(path: str | Path) -> bool:
 
 def _open(path: str | Path):
     path = Path(path)
-    if not path.exists():
-        raise VideoError(path, "missing file")
-    if path.stat().st_size == 0:
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise VideoError(path, "missing file") from None
+    except OSError as err:  # e.g. a name longer than the filesystem allows (ENAMETOOLONG), a loop of links
+        raise VideoError(path, _os_reason(err), err.strerror or "") from None
+    if size == 0:
         raise VideoError(path, "zero-length file")
     try:
         container = av.open(str(path))
     except (av.FFmpegError, UnicodeDecodeError, ValueError) as err:
         raise VideoError(path, "unreadable container", str(err)) from err
+    except OSError as err:  # a folder, no permission
+        raise VideoError(path, _os_reason(err), err.strerror or "") from None
     if not container.streams.video:
         container.close()
         raise VideoError(path, "no video stream (audio-only or data file)")
     return container
+
+
+def _os_reason(err: OSError) -> str:
+    if err.errno == errno.ENAMETOOLONG:
+        return "file name too long"
+    return f"unreadable file ({os.strerror(err.errno) if err.errno else type(err).__name__})"
 
 
 def _frame_rate(stream) -> Fraction:

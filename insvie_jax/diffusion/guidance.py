@@ -14,9 +14,10 @@ from typing import Callable
 import jax.numpy as jnp
 import numpy as np
 
+from insvie_jax import config as configlib
 from insvie_jax.diffusion.samplers import to_x0
 
-SCHEDULES = ("insvie", "cosine", "constant")
+SCHEDULES = configlib.choices("sample.guidance_schedule")
 
 
 def guidance_scales(schedule: str, timesteps: np.ndarray, text_scale: float, source_scale: float,

@@ -23,10 +23,11 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
+from insvie_jax import config as configlib
 from insvie_jax.config import DiffusionConfig
 from insvie_jax.diffusion import schedule
 
-SAMPLERS = ("dpmpp_2m_sde", "cogvideox_dpm", "ddim")
+SAMPLERS = configlib.choices("sample.sampler")  # the schema's list; make_plan has one branch each
 
 
 @dataclasses.dataclass(frozen=True)

@@ -183,6 +183,9 @@ class Editor:
         clip = videolib.read_clip(video, cfg.data.height, cfg.data.width, max_frames, cfg.vae.temporal_compression)
         if self.models is None:
             self.models = load_models(cfg, *self._paths)
+            if self.models.model_cfg.sample_frames != max_frames:  # the checkpoint's frame limit, not the config's
+                clip = videolib.read_clip(video, cfg.data.height, cfg.data.width, self.models.model_cfg.sample_frames,
+                                          cfg.vae.temporal_compression)
         models = self.models
         frames = videolib.usable_frames(len(clip.frames), models.model_cfg.sample_frames, cfg.vae.temporal_compression)
         source = clip.frames[:frames]

@@ -50,7 +50,12 @@ def resize_crop(frame: np.ndarray, target_h: int, target_w: int) -> np.ndarray:
 
 
 def _open(path: Path):
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as err:  # e.g. a name longer than the filesystem allows
+        raise VideoError(f"cannot open video {path}: {err.strerror}; check the path (--video, or the CSV's rows)") \
+            from None
+    if not found:
         raise FileNotFoundError(f"video not found: {path}: check the path (--video, or the CSV's --test-folder)")
     try:
         return av.open(str(path))
