@@ -376,7 +376,7 @@ def format_report(report: dict) -> str:
             flops += (f"; step time {p['step_s_at_peak']:.3f} s at the chip's peak, {p['step_s_at_mfu']:.3f} s at "
                       f"{report['mfu']:.0%} MFU")
         lines.append(flops)
-        if p["xla_optimal_seconds"] is not None:
+        if p["xla_optimal_seconds"] and p["xla_optimal_seconds"] > 0:
             note = " (counts the scanned layer loop once: not a step time)" if report["scan_layers"] else ""
             lines.append(f"  XLA optimal_seconds {p['xla_optimal_seconds']:.3f}{note}")
         if p["compiler_message"]:

@@ -181,3 +181,42 @@ def test_full_size_configs_compile_and_fit(env, tmp_path, preset, topo, slices, 
         assert 0 < program["memory"]["total"] <= hbm
     print(json.dumps({p["program"]: {k: round(v / GIB, 2) for k, v in p["memory"].items()}
                       for p in report["programs"]}))
+
+
+# ---------------------------------------------------------------------------------------------------
+# launch/tpu_pod.sh --check: the same compile before any worker starts (gcloud stood in by a script that logs)
+
+
+def _fake_gcloud(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "gcloud.log"
+    gcloud = bin_dir / "gcloud"
+    gcloud.write_text(f'#!/usr/bin/env bash\necho "$*" >> {log}\n')
+    gcloud.chmod(0o755)
+    return bin_dir, log
+
+
+@pytest.mark.parametrize("fits", [True, False], ids=["fits-then-launches", "does-not-fit-starts-nothing"])
+def test_tpu_launcher_checks_before_starting_workers(env, tmp_path, fits):
+    from pathlib import Path
+
+    bin_dir, log = _fake_gcloud(tmp_path)
+    root = Path(__file__).resolve().parent.parent
+    overrides = ["mesh.ici_data=1", "mesh.ici_fsdp=-1", "model.dtype=bfloat16"]
+    if not fits:
+        overrides += ["model.attention=xla", "data.num_frames=49", "data.height=480", "data.width=720",
+                      "data.batch_size=16"]
+    python_dir = str(Path(sys.executable).parent)
+    run_env = {**env, "XLA_FLAGS": "", "INSVIE_TOPOLOGY": "v5e:2x2",
+               "PATH": f"{bin_dir}:{python_dir}:{env['PATH']}"}
+    proc = subprocess.run(["bash", str(root / "launch/tpu_pod.sh"), "--check", "my-v5e-4", "zone-a", "tiny",
+                           *overrides], env=run_env, capture_output=True, text=True, timeout=900)
+    calls = log.read_text() if log.exists() else ""
+    if fits:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "train_step: FITS" in proc.stdout
+        assert "scp" in calls and "insvie_jax.cli train tiny mesh.ici_data=1" in calls
+    else:
+        assert proc.returncode == 1 and "DOES NOT FIT" in proc.stdout
+        assert "nothing was started" in proc.stderr and calls == ""
