@@ -61,7 +61,7 @@ class ModelConfig:
     splash_block_kv_compute: int = 512
     splash_fused_bwd: bool = False  # one fused dQ/dK/dV backward kernel instead of two
     scan_layers: bool = True
-    remat_policy: str = "none"  # "none" | "full" | "attention" | "dots" | "dots_no_batch"
+    remat_policy: str = "none"  # "none" | "full" | "attention" | "full_offload" | "attention_offload" | ... (_CHOICES)
 
     @property
     def hidden_size(self) -> int:
@@ -477,7 +477,8 @@ _CHOICES = {
     "model.positions": ("sincos", "rope"),
     "model.patch_embed": ("double_ch", "fix_proj"),
     "model.attention": ("auto", "cudnn", "xla", "splash", "ring", "context_gather"),
-    "model.remat_policy": ("none", "full", "attention", "dots", "dots_no_batch"),
+    "model.remat_policy": ("none", "full", "attention", "full_offload", "attention_offload", "attention_offload_all",
+                           "dots", "dots_no_batch"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     # No float16: T5 v1.1 feed-forward activations overflow it (Hugging Face clamps; bf16 needs no clamp).
