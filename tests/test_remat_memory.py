@@ -15,7 +15,6 @@ import pytest
 from flax import nnx
 
 from insvie_jax.bench import timing
-from insvie_jax.bench.transformer import loss_and_grads
 from insvie_jax.config import ModelConfig
 from insvie_jax.models import transformer as tr
 

@@ -14,7 +14,6 @@ remat policy, which keeps cuDNN's flash forward outputs, saves nothing more than
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
