@@ -94,7 +94,8 @@ class ModelConfig:
     splash_block_kv_compute: int = ranged(0, ">= 0")
     splash_fused_bwd: bool = False  # one fused dQ/dK/dV backward kernel instead of two
     scan_layers: bool = True
-    remat_policy: Literal["none", "full", "attention", "dots", "dots_no_batch"] = "none"
+    remat_policy: Literal["none", "full", "attention", "full_offload", "attention_offload", "attention_offload_all",
+                          "dots", "dots_no_batch"] = "none"
 
     @property
     def hidden_size(self) -> int:

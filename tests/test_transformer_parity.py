@@ -101,8 +101,8 @@ def test_forward_matches_diffusers(cfg, size, scan):
     assert rel(got, want) <= FORWARD_TOL, rel(got, want)
 
 
-@pytest.mark.parametrize("cfg,remat_policy", [(SINCOS, "full"), (ROPE, "attention")],
-                         ids=["sincos-full", "rope-attention"])
+@pytest.mark.parametrize("cfg,remat_policy", [(SINCOS, "full"), (ROPE, "attention"), (ROPE, "attention_offload")],
+                         ids=["sincos-full", "rope-attention", "rope-attention_offload"])
 def test_input_gradients_match_diffusers(cfg, remat_policy):
     ref = reference(cfg, seed=3)
     model = ours_from(ref, cfg, remat_policy=remat_policy)

@@ -69,6 +69,22 @@ def forward(cfg, options: dict) -> Prepared:
                     info={"param_dtype": cfg.model.param_dtype})
 
 
+def loss_and_grads(graphdef):
+    """`(trainable, frozen, batch) -> (loss, grads of trainable, output)`: the fwd+bwd workload (not jitted;
+    tools/memory_analysis.py compiles the same function for a TPU chip)."""
+
+    def run(trainable, frozen, batch):
+        def loss(trainable):
+            out = nnx.merge(graphdef, trainable, frozen)(batch["noisy"], batch["source"], batch["text"],
+                                                        batch["timestep"])
+            return jnp.mean(jnp.square(out - batch["target"])), out
+
+        (value, out), grads = jax.value_and_grad(loss, has_aux=True)(trainable)
+        return value, grads, out
+
+    return run
+
+
 def forward_backward(cfg, options: dict) -> Prepared:
     """Loss and gradients of the trained parameters (all, or LoRA adapters + `lora.also_train`), the
     parameters in model.param_dtype (bf16 in this workload, as the reference), batch 1."""
@@ -78,16 +94,7 @@ def forward_backward(cfg, options: dict) -> Prepared:
     graphdef, trainable, frozen = steplib.split_model(model, cfg)
     inputs = transformer_inputs(cfg, model)
     batch = _device_inputs(inputs, cfg.model.dtype)
-
-    @jax.jit
-    def run(trainable, frozen, batch):
-        def loss(trainable):
-            out = nnx.merge(graphdef, trainable, frozen)(batch["noisy"], batch["source"], batch["text"],
-                                                        batch["timestep"])
-            return jnp.mean(jnp.square(out - batch["target"])), out
-
-        (value, out), grads = jax.value_and_grad(loss, has_aux=True)(trainable)
-        return value, grads, out
+    run = jax.jit(loss_and_grads(graphdef))
 
     return Prepared(step=lambda: run(trainable, frozen, batch), flops=3 * _flops(cfg, 1),
                     weights=None if cfg.lora.enabled else (lambda: flat_params(model)), inputs=inputs,
