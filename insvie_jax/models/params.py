@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -65,3 +66,8 @@ def module_from_flat(abstract: nnx.Module, flat: dict[str, np.ndarray], what: st
         var.set_value(jnp.asarray(np.asarray(flat[".".join(str(k) for k in path)]), var.get_value().dtype))
     return nnx.merge(graphdef, params, rest)
 
+
+
+def count_params(model: nnx.Module) -> int:
+    """Parameters of a model (abstract ones too: shapes only)."""
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

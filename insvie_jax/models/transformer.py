@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from insvie_jax.models.params import count_params  # noqa: F401 - part of this module's API
 from insvie_jax.config import ModelConfig
 from insvie_jax.models import embeddings
 from insvie_jax.models.attention import SplashBlocks, attention
@@ -314,10 +315,6 @@ def build(cfg: ModelConfig, seed: int = 0) -> EditTransformer:
 def abstract(cfg: ModelConfig) -> EditTransformer:
     """The model with shapes only (no memory): for parameter counts and sharding plans."""
     return nnx.eval_shape(lambda: EditTransformer(cfg, rngs=nnx.Rngs(0)))
-
-
-def count_params(model: nnx.Module) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
 def forward_flops(cfg: ModelConfig, frames: int, height: int, width: int) -> float:

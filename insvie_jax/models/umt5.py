@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from insvie_jax.models.params import count_params  # noqa: F401 - part of this module's API
 from insvie_jax.config import TextEncoderConfig
 from insvie_jax.models import t5
 from insvie_jax.models.layers import param
@@ -94,6 +94,3 @@ def abstract(cfg: TextEncoderConfig) -> UMT5Encoder:
     """The encoder with shapes only (no memory): for loading and parameter counts."""
     return nnx.eval_shape(lambda: UMT5Encoder(cfg, rngs=nnx.Rngs(0)))
 
-
-def count_params(model: nnx.Module) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from insvie_jax.models.params import count_params  # noqa: F401 - part of this module's API
 from insvie_jax.models import embeddings
 from insvie_jax.models.attention import SplashBlocks, attention
 from insvie_jax.models.layers import Dense, LayerNorm, param
@@ -282,10 +283,6 @@ def build(cfg: WanModelConfig, seed: int = 0) -> WanEditTransformer:
 def abstract(cfg: WanModelConfig) -> WanEditTransformer:
     """The model with shapes only (no memory): for parameter counts and sharding plans."""
     return nnx.eval_shape(lambda: WanEditTransformer(cfg, rngs=nnx.Rngs(0)))
-
-
-def count_params(model: nnx.Module) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
 def forward_flops(cfg: WanModelConfig, frames: int, height: int, width: int) -> float:

@@ -30,7 +30,7 @@ from flax import nnx
 from insvie_jax.config import WanVAEConfig
 from insvie_jax.models.layers import param
 from insvie_jax.models.params import module_from_flat, param_shapes
-from insvie_jax.models.vae import Posterior, _tiled
+from insvie_jax.models.vae import PointwiseConv, Posterior, _tiled
 
 _CONV3D = ("NDHWC", "DHWIO", "NDHWC")
 _CONV2D = ("NHWC", "HWIO", "NHWC")
@@ -77,18 +77,6 @@ class CausalConv3d(nnx.Module):
         y = jax.lax.conv_general_dilated(x, self.kernel[...].astype(self.dtype), (1, 1, 1),
                                          ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2)), dimension_numbers=_CONV3D)
         return y + self.bias[...].astype(self.dtype), x[:, x.shape[1] - (kt - 1):]
-
-
-class PointwiseConv(nnx.Module):
-    """A 1x1(x1) convolution (diffusers' `conv_shortcut`, `quant_conv`, attention `to_qkv` / `proj`) as a matmul."""
-
-    def __init__(self, cin: int, cout: int, cfg: WanVAEConfig, *, rngs: nnx.Rngs):
-        pdt, self.dtype = _dtypes(cfg)
-        self.kernel = param(rngs, _KERNEL_INIT, (cin, cout), pdt, ("conv_in", "conv_out"))
-        self.bias = param(rngs, nnx.initializers.zeros, (cout,), pdt, ("conv_out",))
-
-    def __call__(self, x):
-        return x.astype(self.dtype) @ self.kernel[...].astype(self.dtype) + self.bias[...].astype(self.dtype)
 
 
 class StridedTimeConv(nnx.Module):
