@@ -1,0 +1,143 @@
+"""A whole Wan edit (sample/wan_edit.py) equals diffusers' `LucyEditPipeline` end to end.
+
+Both sides get the same tiny random models (a Wan2.2-layout VAE, the edit transformer, a UMT5 text encoder),
+the same source video, prompts and starting noise: diffusers runs its pipeline (VAE encode argmax,
+latent normalisation, UniPC with Wan's settings, TI2V per-token timesteps, 2-way CFG, decode), given the
+prompt embeddings as its `_get_t5_prompt_embeds` forms them from transformers' UMT5 (no tokenizer files
+exist here); ours encodes the same token ids with our UMT5 (`prompt_states`) and runs `wan_edit.edit` in one
+jit. Tolerance: the decoded video ≤ VIDEO_TOL relative error ‖a−b‖/‖b‖, fp32 on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+from insvie_jax.config import WanVAEConfig  # noqa: E402
+from insvie_jax.convert import umt5_keys, wan_vae_keys  # noqa: E402
+from insvie_jax.models import umt5  # noqa: E402
+from insvie_jax.models.params import module_from_flat  # noqa: E402
+from insvie_jax.models.wan import vae as wan_vae  # noqa: E402
+from insvie_jax.sample import wan_edit  # noqa: E402
+from _compare import rel  # noqa: E402
+from test_wan_flow import SHIFT, WAN_UNIPC  # noqa: E402
+from test_wan_transformer import TINY, ours_from, reference  # noqa: E402
+
+VIDEO_TOL = 1e-4
+STEPS = 3
+SCALE = 5.0
+Z = 6  # latent channels (VAE z_dim = the transformer's in/out channels)
+TEXT_LENGTH = TINY.text_length
+MODEL = dataclasses.replace(TINY, in_channels=Z, out_channels=Z)
+_stats = np.random.default_rng(5)
+VAE = WanVAEConfig(base_dim=5, decoder_base_dim=7, z_dim=Z, num_res_blocks=1, dtype="float32",
+                   encode_frame_batch=4, decode_frame_batch=1,
+                   latents_mean=[float(v) for v in _stats.normal(size=Z)],
+                   latents_std=[float(v) for v in _stats.uniform(0.5, 2.0, Z)])
+BATCH, FRAMES, HEIGHT, WIDTH = 2, 5, 32, 64  # latents (2, 2, 2, 4, Z): 2 x 1 x 2 patch tokens
+
+
+def reference_vae():
+    torch.manual_seed(3)
+    kwargs = {k: v for k, v in wan_vae_keys.diffusers_vae_config(VAE).items() if not k.startswith("_")}
+    ref = diffusers.AutoencoderKLWan(**kwargs).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith("gamma"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif p.ndim == 1:
+                p.copy_(0.1 * torch.randn_like(p))
+    return ref
+
+
+def reference_text_encoder():
+    torch.manual_seed(4)
+    config = transformers.UMT5Config(vocab_size=61, d_model=TINY.text_embed_dim, d_kv=8, num_heads=3, num_layers=2,
+                                     d_ff=26, relative_attention_num_buckets=8, relative_attention_max_distance=20,
+                                     feed_forward_proj="gated-gelu", dropout_rate=0.0)
+    return transformers.UMT5EncoderModel(config).eval()
+
+
+def diffusers_prompt_embeds(encoder, ids, mask):
+    """As `LucyEditPipeline._get_t5_prompt_embeds`: states of the prompt's tokens, zero-padded to the length."""
+    with torch.no_grad():
+        states = encoder(torch.from_numpy(ids), torch.from_numpy(mask)).last_hidden_state
+    lengths = mask.sum(1)
+    return torch.stack([torch.cat([u[:n], u.new_zeros(TEXT_LENGTH - n, u.shape[1])]) for u, n in zip(states, lengths)])
+
+
+def token_ids(seed: int, lengths):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(2, 61, (len(lengths), TEXT_LENGTH)).astype(np.int64)
+    mask = (np.arange(TEXT_LENGTH)[None] < np.asarray(lengths)[:, None]).astype(np.int64)
+    return ids * mask, mask
+
+
+def test_lucy_edit_pipeline_matches_diffusers():
+    ref_transformer = reference(MODEL, seed=31)
+    ref_vae = reference_vae()
+    ref_text = reference_text_encoder()
+    rng = np.random.default_rng(32)
+    video01 = rng.uniform(0, 1, (BATCH, FRAMES, HEIGHT, WIDTH, 3)).astype(np.float32)
+    noise = rng.standard_normal((BATCH, (FRAMES - 1) // 4 + 1, HEIGHT // 16, WIDTH // 16, Z)).astype(np.float32)
+    prompt_ids, prompt_mask = token_ids(33, [5, 3])
+    negative_ids, negative_mask = token_ids(34, [2, 2])
+
+    pipe = diffusers.LucyEditPipeline(tokenizer=None, text_encoder=ref_text, vae=ref_vae,
+                                      scheduler=diffusers.UniPCMultistepScheduler(**WAN_UNIPC),
+                                      transformer=ref_transformer, expand_timesteps=True)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        want = pipe(video=torch.from_numpy(video01).permute(0, 1, 4, 2, 3),  # [0, 1], (B, F, C, H, W)
+                    prompt_embeds=diffusers_prompt_embeds(ref_text, prompt_ids, prompt_mask),
+                    negative_prompt_embeds=diffusers_prompt_embeds(ref_text, negative_ids, negative_mask),
+                    height=HEIGHT, width=WIDTH, num_frames=FRAMES, num_inference_steps=STEPS, guidance_scale=SCALE,
+                    latents=torch.from_numpy(noise).permute(0, 4, 1, 2, 3), output_type="pt",
+                    max_sequence_length=TEXT_LENGTH).frames  # (B, F, C, H, W) in [0, 1]
+    want = want.permute(0, 1, 3, 4, 2).numpy()
+
+    transformer = ours_from(ref_transformer, MODEL)
+    vae = module_from_flat(wan_vae.abstract(VAE),
+                           wan_vae_keys.vae_from_diffusers({k: v.numpy() for k, v in ref_vae.state_dict().items()}))
+    text_cfg = umt5.umt5_xxl_config(dtype="float32", vocab_size=61, d_model=TINY.text_embed_dim, d_kv=8, num_heads=3,
+                                    num_layers=2, d_ff=26, relative_attention_num_buckets=8,
+                                    relative_attention_max_distance=20, max_length=TEXT_LENGTH)
+    encoder = module_from_flat(umt5.abstract(text_cfg),
+                               umt5_keys.umt5_from_hf({k: v.numpy() for k, v in ref_text.state_dict().items()},
+                                                      text_cfg))
+    text = umt5.prompt_states(encoder, prompt_ids, prompt_mask)
+    negative = umt5.prompt_states(encoder, negative_ids, negative_mask)
+    settings = wan_edit.WanEditSettings(sampler="flow_unipc", steps=STEPS, shift=SHIFT, guidance="lucy",
+                                        text_scale=SCALE)
+
+    # XLA's backend optimisations off: compiling dominates this CPU test.
+    @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+    def run(transformer_state, vae_state, video, text, negative, noise):
+        return wan_edit.edit(nnx.merge(t_graph, transformer_state), nnx.merge(v_graph, vae_state), VAE, video, text,
+                             negative, settings, noise=noise)
+
+    t_graph, t_state = nnx.split(transformer)
+    v_graph, v_state = nnx.split(vae)
+    got = np.asarray(run(t_state, v_state, 2 * video01 - 1, text, negative, noise))
+    assert got.shape == (BATCH, FRAMES, HEIGHT, WIDTH, 3)
+    assert np.mean(np.abs(got) < 1) > 0.5  # the decoder's clamp leaves most pixels alone: the numbers count
+    print("REL", rel(got * 0.5 + 0.5, want), np.mean(np.abs(got) < 1), np.abs(want*2-1).max())
+    assert rel(got * 0.5 + 0.5, want) <= VIDEO_TOL, rel(got * 0.5 + 0.5, want)
+
+
+def test_bad_settings_and_inputs_name_the_fix():
+    with pytest.raises(ValueError, match="sample.guidance"):
+        wan_edit.WanEditSettings(guidance="cfg")
+    with pytest.raises(ValueError, match="sample.sampler"):
+        wan_edit.WanEditSettings(sampler="ddim")
+    with pytest.raises(ValueError, match="exactly one of"):
+        wan_edit.edit(None, None, VAE, np.zeros((1, 5, 32, 32, 3)), None, None, wan_edit.WanEditSettings())
