@@ -30,7 +30,8 @@ from insvie_jax.models.wan import vae as wan_vae  # noqa: E402
 from insvie_jax.sample import wan_edit  # noqa: E402
 from _compare import rel  # noqa: E402
 from test_wan_flow import SHIFT, WAN_UNIPC  # noqa: E402
-from test_wan_transformer import TINY, ours_from, reference  # noqa: E402
+from test_wan_lora import ours_from  # noqa: E402
+from test_wan_transformer import TINY, reference  # noqa: E402
 
 VIDEO_TOL = 1e-4
 STEPS = 3
