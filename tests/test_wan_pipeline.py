@@ -34,6 +34,7 @@ from test_wan_lora import ours_from  # noqa: E402
 from test_wan_transformer import TINY, reference  # noqa: E402
 
 VIDEO_TOL = 1e-4
+LATENT_TOL = 1e-5
 STEPS = 3
 SCALE = 5.0
 Z = 6  # latent channels (VAE z_dim = the transformer's in/out channels)
@@ -83,29 +84,16 @@ def token_ids(seed: int, lengths):
     return ids * mask, mask
 
 
-def test_lucy_edit_pipeline_matches_diffusers():
+@pytest.fixture(scope="module")
+def models():
+    """(diffusers pipeline, our transformer, VAE, UMT5) with the same tiny random weights."""
     ref_transformer = reference(MODEL, seed=31)
     ref_vae = reference_vae()
     ref_text = reference_text_encoder()
-    rng = np.random.default_rng(32)
-    video01 = rng.uniform(0, 1, (BATCH, FRAMES, HEIGHT, WIDTH, 3)).astype(np.float32)
-    noise = rng.standard_normal((BATCH, (FRAMES - 1) // 4 + 1, HEIGHT // 16, WIDTH // 16, Z)).astype(np.float32)
-    prompt_ids, prompt_mask = token_ids(33, [5, 3])
-    negative_ids, negative_mask = token_ids(34, [2, 2])
-
     pipe = diffusers.LucyEditPipeline(tokenizer=None, text_encoder=ref_text, vae=ref_vae,
                                       scheduler=diffusers.UniPCMultistepScheduler(**WAN_UNIPC),
                                       transformer=ref_transformer, expand_timesteps=True)
     pipe.set_progress_bar_config(disable=True)
-    with torch.no_grad():
-        want = pipe(video=torch.from_numpy(video01).permute(0, 1, 4, 2, 3),  # [0, 1], (B, F, C, H, W)
-                    prompt_embeds=diffusers_prompt_embeds(ref_text, prompt_ids, prompt_mask),
-                    negative_prompt_embeds=diffusers_prompt_embeds(ref_text, negative_ids, negative_mask),
-                    height=HEIGHT, width=WIDTH, num_frames=FRAMES, num_inference_steps=STEPS, guidance_scale=SCALE,
-                    latents=torch.from_numpy(noise).permute(0, 4, 1, 2, 3), output_type="pt",
-                    max_sequence_length=TEXT_LENGTH).frames  # (B, F, C, H, W) in [0, 1]
-    want = want.permute(0, 1, 3, 4, 2).numpy()
-
     transformer = ours_from(ref_transformer, MODEL)
     vae = module_from_flat(wan_vae.abstract(VAE),
                            wan_vae_keys.vae_from_diffusers({k: v.numpy() for k, v in ref_vae.state_dict().items()}))
@@ -115,23 +103,73 @@ def test_lucy_edit_pipeline_matches_diffusers():
     encoder = module_from_flat(umt5.abstract(text_cfg),
                                umt5_keys.umt5_from_hf({k: v.numpy() for k, v in ref_text.state_dict().items()},
                                                       text_cfg))
-    text = umt5.prompt_states(encoder, prompt_ids, prompt_mask)
-    negative = umt5.prompt_states(encoder, negative_ids, negative_mask)
+    return pipe, transformer, vae, encoder
+
+
+def edit_inputs(seed: int):
+    """(source video in [0, 1], starting noise, prompt ids and mask, negative prompt ids and mask)."""
+    rng = np.random.default_rng(seed)
+    video01 = rng.uniform(0, 1, (BATCH, FRAMES, HEIGHT, WIDTH, 3)).astype(np.float32)
+    noise = rng.standard_normal((BATCH, (FRAMES - 1) // 4 + 1, HEIGHT // 16, WIDTH // 16, Z)).astype(np.float32)
+    return video01, noise, token_ids(seed + 1, [5, 3]), token_ids(seed + 2, [2, 2])
+
+
+def run_diffusers(pipe, video01, noise, prompt, negative, guidance_scale, output_type):
+    """The pipeline's result, channels-last: video in [0, 1] or (output_type "latent") the final latents."""
+    encoder = pipe.text_encoder
+    with torch.no_grad():
+        out = pipe(video=torch.from_numpy(video01).permute(0, 1, 4, 2, 3),  # [0, 1], (B, F, C, H, W)
+                   prompt_embeds=diffusers_prompt_embeds(encoder, *prompt),
+                   negative_prompt_embeds=diffusers_prompt_embeds(encoder, *negative),
+                   height=HEIGHT, width=WIDTH, num_frames=FRAMES, num_inference_steps=STEPS,
+                   guidance_scale=guidance_scale, latents=torch.from_numpy(noise).permute(0, 4, 1, 2, 3),
+                   output_type=output_type, max_sequence_length=TEXT_LENGTH).frames
+    return out.permute(0, 1, 3, 4, 2).numpy() if output_type == "pt" else out.permute(0, 2, 3, 4, 1).numpy()
+
+
+def test_lucy_edit_pipeline_matches_diffusers(models):
+    pipe, transformer, vae, encoder = models
+    pipe.scheduler = diffusers.UniPCMultistepScheduler(**WAN_UNIPC)
+    video01, noise, prompt, negative = edit_inputs(32)
+    want = run_diffusers(pipe, video01, noise, prompt, negative, SCALE, "pt")  # (B, F, H, W, 3) in [0, 1]
+
+    text = umt5.prompt_states(encoder, *prompt)
+    negative_text = umt5.prompt_states(encoder, *negative)
     settings = wan_edit.WanEditSettings(sampler="flow_unipc", steps=STEPS, shift=SHIFT, guidance="lucy",
                                         text_scale=SCALE)
+    t_graph, t_state = nnx.split(transformer)
+    v_graph, v_state = nnx.split(vae)
 
     # XLA's backend optimisations off: compiling dominates this CPU test.
     @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
-    def run(transformer_state, vae_state, video, text, negative, noise):
+    def run(transformer_state, vae_state, video, text, negative_text, noise):
         return wan_edit.edit(nnx.merge(t_graph, transformer_state), nnx.merge(v_graph, vae_state), VAE, video, text,
-                             negative, settings, noise=noise)
+                             negative_text, settings, noise=noise)
 
-    t_graph, t_state = nnx.split(transformer)
-    v_graph, v_state = nnx.split(vae)
-    got = np.asarray(run(t_state, v_state, 2 * video01 - 1, text, negative, noise))
+    got = np.asarray(run(t_state, v_state, 2 * video01 - 1, text, negative_text, noise))
     assert got.shape == (BATCH, FRAMES, HEIGHT, WIDTH, 3)
     assert np.mean(np.abs(got) < 1) > 0.5  # the decoder's clamp leaves most pixels alone: the numbers count
     assert rel(got * 0.5 + 0.5, want) <= VIDEO_TOL, rel(got * 0.5 + 0.5, want)
+
+
+def test_insvie_guidance_at_unit_scales_is_diffusers_conditional_euler_edit(models):
+    """3-way guidance with both scales 1 is the conditional branch alone: diffusers without CFG (scale 1), here
+    with the flow Euler sampler; compared on the final latents."""
+    pipe, transformer, vae, encoder = models
+    pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SHIFT)
+    video01, noise, prompt, negative = edit_inputs(35)
+    want = run_diffusers(pipe, video01, noise, prompt, negative, 1.0, "latent")
+
+    settings = wan_edit.WanEditSettings(sampler="flow_euler", steps=STEPS, shift=SHIFT, guidance="insvie",
+                                        text_scale=1.0, source_scale=1.0)
+    with torch.no_grad():  # the pipeline's condition latents (the VAE path is the test above's)
+        mode = pipe.vae.encode(torch.from_numpy(2 * video01 - 1).permute(0, 4, 1, 2, 3)).latent_dist.mode()
+    source = (mode.permute(0, 2, 3, 4, 1).numpy() - np.float32(VAE.latents_mean)) / np.float32(VAE.latents_std)
+    t_graph, t_state = nnx.split(transformer)
+    run = jax.jit(lambda state, *args: wan_edit.sample_latents(nnx.merge(t_graph, state), *args, settings=settings),
+                  compiler_options={"xla_backend_optimization_level": 0})
+    got = run(t_state, source, umt5.prompt_states(encoder, *prompt), None, noise)
+    assert rel(got, want) <= LATENT_TOL, rel(got, want)
 
 
 def test_bad_settings_and_inputs_name_the_fix():
