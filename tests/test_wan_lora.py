@@ -21,7 +21,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from insvie_jax.convert import wan_keys, wan_lora_keys  # noqa: E402
 from insvie_jax.models import lora as loralib  # noqa: E402
-from insvie_jax.models.params import module_from_flat  # noqa: E402
+from insvie_jax.models.params import module_from_flat, param_shapes  # noqa: E402
 from insvie_jax.models.wan import transformer as wan  # noqa: E402
 from _compare import rel  # noqa: E402
 from test_wan_transformer import TINY, inputs, ref_forward, reference  # noqa: E402
@@ -145,3 +145,41 @@ def test_targets_and_fresh_adapters():
     n = sum(v[...].size for _, v in nnx.to_flat_state(trained))
     d, hd = TINY.hidden_size, TINY.num_attention_heads * TINY.attention_head_dim
     assert n == TINY.num_layers * 2 * 4 * RANK * (d + hd)
+
+
+def test_adapters_shard_like_their_projections():
+    """On a (data, fsdp, tensor) mesh of the 8 simulated devices the adapters take their projection's logical
+    axes (A's input on fsdp, B's heads on tensor) and the sharded forward equals one device's (≤ FORWARD_TOL)."""
+    from insvie_jax.config import MeshConfig
+    from insvie_jax.parallel import mesh as meshlib
+    from insvie_jax.parallel.sharding import batch_sharding, logical_rules, state_shardings
+    from test_wan_sharding import CFG, inputs as sharding_inputs
+
+    rng = np.random.default_rng(3)
+    shapes = param_shapes(wan.abstract(CFG))  # random weights drawn in numpy: no init ops to compile
+    flat = {k: (0.3 * rng.standard_normal(s)).astype(np.float32) for k, s in shapes.items()}
+    model = loralib.add_lora(module_from_flat(wan.abstract(CFG), flat), RANK, ALPHA, TARGETS, seed=2)
+    for _, value in nnx.to_flat_state(nnx.state(model, loralib.is_lora_param)):
+        value[...] = 0.3 * rng.standard_normal(value[...].shape).astype(np.float32)
+    batch = sharding_inputs()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    forward = jax.jit(lambda params, batch: nnx.merge(graphdef, nnx.State(params), rest)(*batch))
+    want = forward(params.to_pure_dict(), batch)
+
+    mesh_cfg = MeshConfig(ici_data=2, ici_fsdp=2, ici_tensor=2, ici_context=1)
+    mesh, rules = meshlib.create_mesh(mesh_cfg), mesh_cfg.logical_axis_rules
+    abstract = nnx.eval_shape(lambda: loralib.add_lora(wan.WanEditTransformer(CFG, rngs=nnx.Rngs(0)), RANK, ALPHA,
+                                                       TARGETS))
+    shardings = state_shardings(nnx.state(abstract, nnx.Param), mesh, rules)
+    q_lora = shardings["blocks"]["attn1"]["to_q_lora"]
+    assert "fsdp" in jax.tree.leaves(tuple(q_lora["lora_a"].spec))
+    assert "tensor" in jax.tree.leaves(tuple(q_lora["lora_b"].spec))
+    sharded = jax.device_put(params.to_pure_dict(), shardings)
+    batch = tuple(jax.device_put(a, batch_sharding(mesh, rules, a.ndim)) for a in batch)
+
+    @jax.jit
+    def run(params, batch):
+        with logical_rules(mesh, rules):
+            return nnx.merge(graphdef, nnx.State(params), rest)(*batch)
+
+    assert rel(run(sharded, batch), want) <= FORWARD_TOL
