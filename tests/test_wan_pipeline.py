@@ -179,3 +179,11 @@ def test_bad_settings_and_inputs_name_the_fix():
         wan_edit.WanEditSettings(sampler="ddim")
     with pytest.raises(ValueError, match="exactly one of"):
         wan_edit.edit(None, None, VAE, np.zeros((1, 5, 32, 32, 3)), None, None, wan_edit.WanEditSettings())
+
+
+def test_mismatched_text_width_names_both_sides(models):
+    _, transformer, vae, _ = models
+    text = np.zeros((1, TEXT_LENGTH, TINY.text_embed_dim + 1), np.float32)
+    with pytest.raises(ValueError, match="model.text_embed_dim"):
+        wan_edit.edit(transformer, vae, VAE, np.zeros((1, FRAMES, HEIGHT, WIDTH, 3), np.float32), text, None,
+                      wan_edit.WanEditSettings(), key=jax.random.key(0))

@@ -95,7 +95,7 @@ def _parse(sd: dict[str, np.ndarray]) -> dict[tuple[str, str], dict[int, dict[st
         alpha_key = f"{_PREFIX[layout]}blocks.{layer}.{module}.alpha"
         if part == "B" and alpha_key in sd:
             found[by_name[module]][layer]["alpha"] = float(np.asarray(sd[alpha_key]))
-    for pair, layers in found.items():
+    for layers in found.values():
         for layer in layers.values():
             if "alpha" in layer:
                 layer["B"] = layer.pop("B") * np.float32(layer.pop("alpha") / layer["A"].shape[0])
@@ -111,7 +111,8 @@ def load_wan_lora(model, path: str | Path, seed: int = 0):
     if path.is_dir():
         path = path / WEIGHTS
     if not path.is_file():
-        raise FileNotFoundError(f"Wan LoRA file not found: {path}: pass a .safetensors file or a folder holding {WEIGHTS}")
+        raise FileNotFoundError(f"Wan LoRA file not found: {path}: pass a .safetensors file or a folder holding "
+                                f"{WEIGHTS}")
     found = _parse(load_file(path))
     cfg = model.cfg
     ranks = {layer["A"].shape[0] for layers in found.values() for layer in layers.values()}

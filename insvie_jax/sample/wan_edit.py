@@ -89,6 +89,11 @@ def edit(transformer: WanEditTransformer, vae: wan_vae.WanVAE, vae_cfg: WanVAECo
     """The whole edit (module docstring), starting from `noise` (B, f, h, w, C) or from noise drawn with `key`."""
     if (noise is None) == (key is None):
         raise ValueError("a Wan edit needs exactly one of `noise` (the starting latents) or `key` (to draw them)")
+    if video.ndim != 5 or video.shape[-1] != 3:
+        raise ValueError(f"source video {tuple(video.shape)}: expected (batch, frames, height, width, 3) in [-1, 1]")
+    if text.shape[-1] != transformer.cfg.text_embed_dim:
+        raise ValueError(f"text embeddings {tuple(text.shape)} are {text.shape[-1]} wide but the Wan model takes "
+                         f"{transformer.cfg.text_embed_dim} (model.text_embed_dim = text_encoder.d_model)")
     source = encode_source(vae, vae_cfg, video)
     if noise is None:
         noise = noise_like(key, source, transformer.cfg.out_channels)
