@@ -4,6 +4,9 @@
 (stacked) attention block: `attn.qkv_lora` (one A/B pair per q|k|v partition, as SAT) and `attn.out_lora`.
 The block adds (x·A·B)·alpha/rank to the Dense output; B starts at zero so a fresh adapter changes nothing.
 `merge_lora(model)` folds the adapters into the kernels and returns a plain model.
+
+The Wan transformer (models/wan) takes the same calls: one adapter per projection, `<proj>_lora` beside
+`attn1` / `attn2`'s `to_q`, `to_k`, `to_v`, `to_out` and the feed-forward's `w1`, `w2` (`WAN_TARGETS`).
 """
 
 from __future__ import annotations
@@ -67,6 +70,8 @@ def _stacked(make, num_layers: int, rngs: nnx.Rngs):
 
 def add_lora(model, rank: int, alpha: float, targets=TARGETS, seed: int = 0):
     """Attaches adapters to `model`'s attention blocks in place and returns it."""
+    if _is_wan(model):
+        return add_wan_lora(model, rank, alpha, targets, seed)
     unknown = set(targets) - set(TARGETS)
     if unknown:
         raise ValueError(f"lora.targets {sorted(unknown)} unknown; choose from {list(TARGETS)}")
@@ -93,6 +98,12 @@ def merge_lora(model):
     """A plain model (no adapters) whose kernels hold W + A·B·alpha/rank; `model` is left unchanged."""
     graphdef, state = nnx.split(model)
     merged = nnx.merge(graphdef, state)  # a copy to edit
+    if _is_wan(merged):
+        for owner, name in wan_adapters(merged):
+            module = getattr(merged.blocks, owner)
+            _fold(getattr(module, name), getattr(module, name + "_lora"))
+            setattr(module, name + "_lora", None)
+        return merged
     attn = merged.blocks.attn
     for dense, lora_name in ((attn.qkv, "qkv_lora"), (attn.out, "out_lora")):
         lora = getattr(attn, lora_name, None)
@@ -102,3 +113,69 @@ def merge_lora(model):
         dense.kernel[...] = (dense.kernel[...].astype(jnp.float32) + delta).astype(dense.kernel[...].dtype)
         setattr(attn, lora_name, None)
     return merged
+
+
+# ---------------------------------------------------------------------------------------------------
+# Wan: one adapter per projection, as diffusers / peft and ComfyUI name them
+
+# Target names: a projection (`to_q`, `to_k`, `to_v`, `to_out`) in both attentions, or one attention's
+# (`attn1.to_q`: self-attention, `attn2.to_q`: cross-attention); `qkv` and `attn_out` (the CogVideoX names)
+# mean to_q + to_k + to_v and to_out; `ffn` both feed-forward layers (`ffn.w1`, `ffn.w2`: one of them).
+WAN_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out")
+WAN_TARGETS = (*WAN_PROJECTIONS, "qkv", "attn_out", "ffn", "ffn.w1", "ffn.w2",
+               *(f"{a}.{p}" for a in ("attn1", "attn2") for p in (*WAN_PROJECTIONS, "qkv", "attn_out")))
+_ALIASES = {"qkv": ("to_q", "to_k", "to_v"), "attn_out": ("to_out",)}
+
+
+def _is_wan(model) -> bool:
+    return hasattr(model.blocks, "attn1")
+
+
+def wan_target_modules(targets) -> list[tuple[str, str]]:
+    """(owner, projection) pairs, e.g. ("attn1", "to_q"), ("ffn", "w1"), in a fixed order."""
+    unknown = set(targets) - set(WAN_TARGETS)
+    if unknown:
+        raise ValueError(f"lora.targets {sorted(unknown)} unknown for the Wan model; choose from {list(WAN_TARGETS)}")
+    chosen = set()
+    for target in targets:
+        if target == "ffn":
+            chosen |= {("ffn", "w1"), ("ffn", "w2")}
+            continue
+        owners, name = (target.split(".") if "." in target else (None, target))
+        for owner in ((owners,) if owners else ("attn1", "attn2")):
+            chosen |= {(owner, p) for p in _ALIASES.get(name, (name,))}
+    order = [(a, p) for a in ("attn1", "attn2") for p in WAN_PROJECTIONS] + [("ffn", "w1"), ("ffn", "w2")]
+    return [pair for pair in order if pair in chosen]
+
+
+def add_wan_lora(model, rank: int, alpha: float, targets=TARGETS, seed: int = 0):
+    """Attaches one adapter beside each targeted projection of every (stacked) Wan block; returns `model`."""
+    cfg = model.cfg
+    d, h, hd, m = cfg.hidden_size, cfg.num_attention_heads, cfg.attention_head_dim, cfg.mlp_dim
+    kw = {"param_dtype": jnp.dtype(cfg.param_dtype), "dtype": jnp.dtype(cfg.dtype)}
+    shapes = {  # projection -> (in_shape, out_shape, in_axes, out_axes), the Dense kernel's layout
+        "to_q": ((d,), (h, hd), ("embed",), ("heads", "head_dim")),
+        "to_out": ((h, hd), (d,), ("heads", "head_dim"), ("embed",)),
+        "w1": ((d,), (m,), ("embed",), ("mlp",)),
+        "w2": ((m,), (d,), ("mlp",), ("embed",)),
+    }
+    shapes["to_k"] = shapes["to_v"] = shapes["to_q"]
+    rngs = nnx.Rngs(seed)
+    for owner, name in wan_target_modules(targets):
+        in_shape, out_shape, in_axes, out_axes = shapes[name]
+        adapter = _stacked(lambda r: LoRA(in_shape, out_shape, in_axes, out_axes, rank, alpha, rngs=r, **kw),
+                           cfg.num_layers, rngs)
+        setattr(getattr(model.blocks, owner), name + "_lora", nnx.data(adapter))
+    return model
+
+
+def wan_adapters(model) -> list[tuple[str, str]]:
+    """(owner, projection) of every adapter attached to a Wan model (its LoRA is `blocks.<owner>.<proj>_lora`)."""
+    return [(owner, name) for owner in ("attn1", "attn2", "ffn") for name in (*WAN_PROJECTIONS, "w1", "w2")
+            if getattr(getattr(model.blocks, owner), name + "_lora", None) is not None]
+
+
+def _fold(dense, lora) -> None:
+    """dense.kernel += A·B·alpha/rank for every stacked layer."""
+    delta = jax.vmap(lora.kernel_delta)(lora.lora_a[...], lora.lora_b[...])
+    dense.kernel[...] = (dense.kernel[...].astype(jnp.float32) + delta).astype(dense.kernel[...].dtype)

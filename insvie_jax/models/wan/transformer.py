@@ -77,16 +77,24 @@ class Attention(nnx.Module):
             implementation = "auto"
         self.implementation = implementation
         self.splash_blocks = SplashBlocks.from_config(cfg)
+        # LoRA adapters beside the projections, attached by models/lora.add_lora
+        self.to_q_lora = self.to_k_lora = self.to_v_lora = self.to_out_lora = None
 
     def __call__(self, x, context, rope):
-        q = self.norm_q(self.to_q(x))
-        k = self.norm_k(self.to_k(context))
-        v = self.to_v(context)
+        q = self.norm_q(_project(self.to_q, self.to_q_lora, x))
+        k = self.norm_k(_project(self.to_k, self.to_k_lora, context))
+        v = _project(self.to_v, self.to_v_lora, context)
         if rope is not None:
             cos, sin = rope
             q, k = embeddings.apply_rope(q, cos, sin), embeddings.apply_rope(k, cos, sin)
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
-        return self.to_out(attention(q, k, v, self.implementation, self.splash_blocks))
+        return _project(self.to_out, self.to_out_lora, attention(q, k, v, self.implementation, self.splash_blocks))
+
+
+def _project(dense, lora, x):
+    """A Dense layer plus its LoRA adapter's delta, if one is attached."""
+    y = dense(x)
+    return y if lora is None else y + lora(x).astype(y.dtype)
 
 
 class FeedForward(nnx.Module):
@@ -95,9 +103,10 @@ class FeedForward(nnx.Module):
         kw = dict(rngs=rngs, param_dtype=pdt, dtype=dt)
         self.w1 = Dense((cfg.hidden_size,), (cfg.mlp_dim,), ("embed", "mlp"), **kw)
         self.w2 = Dense((cfg.mlp_dim,), (cfg.hidden_size,), ("mlp", "embed"), **kw)
+        self.w1_lora = self.w2_lora = None  # LoRA adapters, attached by models/lora.add_lora
 
     def __call__(self, x):
-        return self.w2(_gelu(self.w1(x)))
+        return _project(self.w2, self.w2_lora, _gelu(_project(self.w1, self.w1_lora, x)))
 
 
 @jax.checkpoint
