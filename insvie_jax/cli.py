@@ -132,7 +132,7 @@ def cmd_filter(args) -> int:
 
     cfg, lists = _config_and_lists(args, "filter")
     triplets, list_report = read_lists(lists, cfg.data.video_roots, cfg.data.allow_outside_root)
-    rows = filters.filter_triplets(cfg, triplets, list_report, filters.make_judge(cfg.data),
+    rows = filters.filter_triplets(cfg, triplets, list_report, filters.make_judge(cfg.filter),
                                    show_progress=not args.quiet)
     filters.write_report(rows, args.report)
     summary = {"report": args.report, "triplets": len(rows), "kept": sum(r["keep"] for r in rows)}
@@ -298,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default="eval", help="per_clip.csv, summary.md, summary.json go here (default: eval)")
     ev.add_argument("--clip", help="Hugging Face CLIP folder (config.json, model.safetensors, vocab.json, merges.txt): "
                     "adds clip_text, clip_frame, clip_direction")
-    ev.add_argument("--judge", default="", help="VLM judge: http(s) URL or module:function (as data.filter_judge); "
+    ev.add_argument("--judge", default="", help="VLM judge: http(s) URL or module:function (as filter.judge); "
                     "default: none")
     ev.add_argument("--max-frames", type=int, default=49, help="frames measured per clip (default 49)")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")

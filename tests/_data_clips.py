@@ -67,6 +67,6 @@ def write_audio_only(path: Path) -> None:
 
 
 def judge_by_instruction(source_frames, edited_frames, instruction):
-    """A Python judge for `data.filter_judge=_data_clips:judge_by_instruction`: likes instructions saying "good"."""
+    """A Python judge for `filter.judge=_data_clips:judge_by_instruction`: likes instructions saying "good"."""
     assert source_frames.ndim == 4 and source_frames.shape == edited_frames.shape
     return 0.9 if "good" in instruction else 0.1

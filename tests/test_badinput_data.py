@@ -15,7 +15,7 @@ from insvie_jax.data import sources
 from insvie_jax.data.pipeline import make_pipeline, read_bad_records
 from insvie_jax.data.video import write_video
 
-OVERRIDES = ["data.height=32", "data.width=48", "data.num_frames=5", "data.fps=8.0", "data.filter_frames=5"]
+OVERRIDES = ["data.height=32", "data.width=48", "data.num_frames=5", "data.fps=8.0", "filter.frames=5"]
 LONG_NAME = "x" * 296 + ".mp4"  # 300 characters: more than a file name may have (255 bytes)
 GOOD = ["good0.mp4", "good1.mp4", "good2.mp4"]
 OUTSIDE_ROWS = ["../../etc/passwd", "/etc/passwd", "../../outside.mp4"]

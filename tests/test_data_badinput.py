@@ -18,7 +18,7 @@ from insvie_jax.data.sources import read_lists
 
 KINDS = ("truncated", "zero", "random", "audio", "single", "mismatch", "missing", "row")
 PER_KIND = 26  # 8 kinds x 26 = 208 broken samples
-OVERRIDES = ["data.height=32", "data.width=48", "data.fps=8.0", "data.shard_size=64", "data.filter_frames=9"]
+OVERRIDES = ["data.height=32", "data.width=48", "data.fps=8.0", "data.shard_size=64", "filter.frames=9"]
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,10 @@ from insvie_jax.data.sources import read_lists
 from insvie_jax.data.video import write_video
 
 
-def _cfg(**data):
+def _cfg(**keys):
     cfg = configlib.load("tiny")
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, fps=8.0, filter_frames=9, **data))
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, fps=8.0),
+                               filter=dataclasses.replace(cfg.filter, frames=9, **keys))
 
 
 def _write(root, name, source, target, fps=8, target_fps=None):
@@ -85,8 +86,8 @@ def test_ssim_matches_its_definition_on_constant_and_equal_images():
 
 def test_callable_judge_scores_only_the_passing_triplets(dataset):
     triplets, report = read_lists([dataset / "train.csv"], ["source", "edit"])
-    cfg = _cfg(filter_judge="_data_clips:judge_by_instruction", filter_min_judge_score=0.5)
-    rows = filters.filter_triplets(cfg, triplets, report, filters.make_judge(cfg.data))
+    cfg = _cfg(judge="_data_clips:judge_by_instruction", min_judge_score=0.5)
+    rows = filters.filter_triplets(cfg, triplets, report, filters.make_judge(cfg.filter))
     judged = {r["sample"].split(":")[-1]: r.get("judge_score") for r in rows if r.get("judge_score") is not None}
     assert judged == {"good.mp4": 0.9, "good2.mp4": 0.9}
 
@@ -125,9 +126,9 @@ def test_http_judge_with_batching_retries_and_cache(dataset, tmp_path):
         triplets, _ = read_lists([dataset / "train.csv"], ["source", "edit"])
         triplets = [t for t in triplets if "good" in t.source]  # instructions "good edit 0", "good edit 1"
         FakeJudge.fail_once = {triplets[1].instruction}
-        cfg = _cfg(filter_judge=url, filter_judge_batch=2, filter_judge_cache=str(tmp_path / "cache"),
-                   filter_judge_retries=2)
-        judge = filters.make_judge(cfg.data)
+        cfg = _cfg(judge=url, judge_batch=2, judge_cache=str(tmp_path / "cache"),
+                   judge_retries=2)
+        judge = filters.make_judge(cfg.filter)
         judge.backoff = 0.01
         rows = filters.filter_triplets(cfg, triplets, None, judge)
         assert [r["judge_score"] for r in rows] == [0.2, 0.8]
@@ -139,8 +140,8 @@ def test_http_judge_with_batching_retries_and_cache(dataset, tmp_path):
         server.shutdown()
         server.server_close()
     # A dead endpoint rejects the triplet with the error named; the run goes on.
-    dead = _cfg(filter_judge=url, filter_judge_retries=1, filter_judge_timeout=2.0)
-    judge = filters.make_judge(dead.data)
+    dead = _cfg(judge=url, judge_retries=1, judge_timeout=2.0)
+    judge = filters.make_judge(dead.filter)
     judge.backoff = 0.01
     rows = filters.filter_triplets(dead, triplets[:1], None, judge)
     assert rows[0]["keep"] == 0 and rows[0]["reasons"].startswith("judge failed (judge http://127.0.0.1")
@@ -148,7 +149,7 @@ def test_http_judge_with_batching_retries_and_cache(dataset, tmp_path):
 
 def test_cli_writes_report_and_kept_list(dataset, tmp_path):
     out = subprocess.run([sys.executable, "-m", "insvie_jax.cli", "filter", "tiny", "data.fps=8.0",
-                          "data.filter_frames=9", "--list", str(dataset / "train.csv"), "--report",
+                          "filter.frames=9", "--list", str(dataset / "train.csv"), "--report",
                           str(tmp_path / "r.csv"), "--kept", str(tmp_path / "kept.jsonl"), "--quiet"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -15,6 +15,7 @@ from insvie_jax.config.schema import (
     ConfigError,
     DataConfig,
     DiffusionConfig,
+    FilterConfig,
     LoraConfig,
     MeshConfig,
     ModelConfig,
@@ -33,7 +34,7 @@ from insvie_jax.config.validate import validate
 
 __all__ = [
     "CONFIG_DIR", "STAGE_KEYS", "WAN22_LATENTS_MEAN", "WAN22_LATENTS_STD", "CheckpointConfig", "Config",
-    "ConfigError", "DataConfig", "DiffusionConfig", "LoraConfig", "MeshConfig", "ModelConfig", "Range",
+    "ConfigError", "DataConfig", "DiffusionConfig", "FilterConfig", "LoraConfig", "MeshConfig", "ModelConfig", "Range",
     "SampleConfig", "Stage", "TextEncoderConfig", "TrainConfig", "VAEConfig", "WanVAEConfig", "_field_types",
     "choices", "from_dict", "latent_shape", "load", "parse_override", "presets", "ranged", "resolve_path",
     "resolve_stages", "save", "validate", "what_trains",

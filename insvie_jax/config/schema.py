@@ -285,29 +285,35 @@ class DataConfig:
     # generator's instructions (empty = all).
     generate: int = ranged(0, ">= 0")
     generate_instructions: list = dataclasses.field(default_factory=list)
-    # `insvie-jax filter` thresholds; a triplet failing any is rejected with the failing score named.
-    filter_frames: int = ranged(17, ">= 1")  # frames scored per clip
-    filter_size: int = ranged(64, ">= 1")  # scoring resolution (shorter side, pixels)
-    filter_min_motion: float = ranged(0.004, "[0, 1]")  # mean |frame difference| in [0, 1]: below = static
-    filter_max_motion: float = ranged(0.15, "[0, 1]")  # above = chaotic (cuts, flashes, noise)
-    filter_min_sharpness: float = ranged(20.0, ">= 0")  # variance of the Laplacian (0-255 grayscale): below = blurred
-    filter_min_brightness: float = ranged(0.08, "[0, 1]")  # mean level in [0, 1]
-    filter_max_brightness: float = ranged(0.92, "[0, 1]")
-    filter_max_clipped: float = ranged(0.25, "[0, 1]")  # fraction of pixels at 0 or 255
-    filter_max_duplicate: float = ranged(0.5, "[0, 1]")  # fraction of consecutive frame pairs that are near-identical
-    filter_max_black: float = ranged(0.1, "[0, 1]")  # fraction of black frames
+
+
+@dataclasses.dataclass
+class FilterConfig:
+    """`insvie-jax filter` (data/filters.py): thresholds on the scores of a triplet (one failing = rejected, the
+    failing score named) and the optional VLM judge."""
+
+    frames: int = ranged(17, ">= 1")  # frames scored per clip
+    size: int = ranged(64, ">= 1")  # scoring resolution (shorter side, pixels)
+    min_motion: float = ranged(0.004, "[0, 1]")  # mean |frame difference| in [0, 1]: below = static
+    max_motion: float = ranged(0.15, "[0, 1]")  # above = chaotic (cuts, flashes, noise)
+    min_sharpness: float = ranged(20.0, ">= 0")  # variance of the Laplacian (0-255 grayscale): below = blurred
+    min_brightness: float = ranged(0.08, "[0, 1]")  # mean level in [0, 1]
+    max_brightness: float = ranged(0.92, "[0, 1]")
+    max_clipped: float = ranged(0.25, "[0, 1]")  # fraction of pixels at 0 or 255
+    max_duplicate: float = ranged(0.5, "[0, 1]")  # fraction of consecutive frame pairs that are near-identical
+    max_black: float = ranged(0.1, "[0, 1]")  # fraction of black frames
     # SSIM(source, edit): below = the edit replaced the whole clip
-    filter_min_consistency: float = ranged(0.2, "[-1, 1]")
-    filter_max_consistency: float = ranged(0.995, "[-1, 1]")  # above = the edit changed nothing
-    filter_max_fps_ratio: float = ranged(1.01, ">= 1")  # max(fps) / min(fps) of source and edit
+    min_consistency: float = ranged(0.2, "[-1, 1]")
+    max_consistency: float = ranged(0.995, "[-1, 1]")  # above = the edit changed nothing
+    max_fps_ratio: float = ranged(1.01, ">= 1")  # max(fps) / min(fps) of source and edit
     # Optional VLM judge: "" = none; "http(s)://..." = JSON endpoint; "module:function" = Python callable.
-    filter_judge: str = ""
-    filter_min_judge_score: float = 0.5
-    filter_judge_frames: int = ranged(3, ">= 1")
-    filter_judge_batch: int = ranged(8, ">= 1")  # concurrent requests
-    filter_judge_retries: int = ranged(3, ">= 0")
-    filter_judge_timeout: float = ranged(60.0, "> 0")
-    filter_judge_cache: str = ""  # folder of cached judge scores; empty = no cache
+    judge: str = ""
+    min_judge_score: float = 0.5
+    judge_frames: int = ranged(3, ">= 1")
+    judge_batch: int = ranged(8, ">= 1")  # concurrent requests
+    judge_retries: int = ranged(3, ">= 0")
+    judge_timeout: float = ranged(60.0, "> 0")
+    judge_cache: str = ""  # folder of cached judge scores; empty = no cache
 
 
 @dataclasses.dataclass
@@ -380,6 +386,7 @@ class Config:
     diffusion: DiffusionConfig = dataclasses.field(default_factory=DiffusionConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    filter: FilterConfig = dataclasses.field(default_factory=FilterConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)

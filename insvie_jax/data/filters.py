@@ -1,9 +1,9 @@
 """`insvie-jax filter`: per-triplet quality scores, a CSV report with the reasons for each reject, and an
-optional VLM judge (a Python callable or an HTTP endpoint). Nothing calls out unless `data.filter_judge` is set.
+optional VLM judge (a Python callable or an HTTP endpoint). Nothing calls out unless `filter.judge` is set.
 
-Scores (grayscale in [0, 1] at `data.filter_size` pixels on the shorter side, `data.filter_frames` frames
+Scores (grayscale in [0, 1] at `filter.size` pixels on the shorter side, `filter.frames` frames
 sampled as for training but unpadded):
-    motion       mean |frame t - frame t-1| of the source: static below filter_min_motion, chaotic above max
+    motion       mean |frame t - frame t-1| of the source: static below filter.min_motion, chaotic above max
     sharpness    variance of the 3x3 Laplacian (0-255 scale), worst of source and edit
     brightness   mean level; clipped = fraction of pixels at 0 or 255 (worst of source and edit)
     duplicate    fraction of consecutive frame pairs that are near-identical (source)
@@ -13,9 +13,9 @@ sampled as for training but unpadded):
     judge_score  the judge's score, asked only for triplets that pass everything else
 
 HTTP judge protocol: POST JSON {"instruction": str, "source_frames": [base64 PNG, ...], "edited_frames": [...]}
--> {"score": float}. Requests run `filter_judge_batch` at a time, retried with backoff on connection errors,
-timeouts, 429/5xx and malformed answers; answers are cached on disk by request hash (`filter_judge_cache`).
-Judge frames: `filter_judge_frames` evenly spaced frames at 4x the scoring resolution. A judge failure
+-> {"score": float}. Requests run `filter.judge_batch` at a time, retried with backoff on connection errors,
+timeouts, 429/5xx and malformed answers; answers are cached on disk by request hash (`filter.judge_cache`).
+Judge frames: `filter.judge_frames` evenly spaced frames at 4x the scoring resolution. A judge failure
 rejects that triplet with the error named; it never stops the run.
 """
 
@@ -97,19 +97,19 @@ def clip_scores(source: np.ndarray, target: np.ndarray, source_fps: float, targe
     }
 
 
-def reject_reasons(scores: dict, d) -> list[str]:
+def reject_reasons(scores: dict, f) -> list[str]:
     """The failed thresholds of `d` (a DataConfig), each naming the score, its value and the bound."""
     checks = [
-        ("motion", "<", d.filter_min_motion, "static"), ("motion", ">", d.filter_max_motion, "chaotic"),
-        ("sharpness", "<", d.filter_min_sharpness, "blurred"),
-        ("brightness", "<", d.filter_min_brightness, "dark"), ("brightness", ">", d.filter_max_brightness, "bright"),
-        ("clipped", ">", d.filter_max_clipped, "clipped exposure"),
-        ("duplicate", ">", d.filter_max_duplicate, "duplicate frames"),
-        ("black", ">", d.filter_max_black, "black frames"),
-        ("consistency", "<", d.filter_min_consistency, "edit replaced the source"),
-        ("consistency", ">", d.filter_max_consistency, "edit changed nothing"),
-        ("fps_ratio", ">", d.filter_max_fps_ratio, "source/edit fps differ"),
-        ("judge_score", "<", d.filter_min_judge_score, "judge rejected"),
+        ("motion", "<", f.min_motion, "static"), ("motion", ">", f.max_motion, "chaotic"),
+        ("sharpness", "<", f.min_sharpness, "blurred"),
+        ("brightness", "<", f.min_brightness, "dark"), ("brightness", ">", f.max_brightness, "bright"),
+        ("clipped", ">", f.max_clipped, "clipped exposure"),
+        ("duplicate", ">", f.max_duplicate, "duplicate frames"),
+        ("black", ">", f.max_black, "black frames"),
+        ("consistency", "<", f.min_consistency, "edit replaced the source"),
+        ("consistency", ">", f.max_consistency, "edit changed nothing"),
+        ("fps_ratio", ">", f.max_fps_ratio, "source/edit fps differ"),
+        ("judge_score", "<", f.min_judge_score, "judge rejected"),
     ]
     reasons = []
     for key, op, bound, what in checks:
@@ -206,17 +206,17 @@ class HttpJudge:
             return [f.result() if f.exception() is None else f.exception() for f in futures]
 
 
-def make_judge(d) -> Judge | None:
-    """The judge named by `data.filter_judge` ("" -> None, URL -> HttpJudge, "module:function" -> CallableJudge)."""
-    spec = d.filter_judge
+def make_judge(f) -> Judge | None:
+    """The judge named by `filter.judge` ("" -> None, URL -> HttpJudge, "module:function" -> CallableJudge)."""
+    spec = f.judge
     if not spec:
         return None
     if spec.startswith(("http://", "https://")):
-        return HttpJudge(spec, batch=d.filter_judge_batch, retries=d.filter_judge_retries,
-                         timeout=d.filter_judge_timeout, cache_dir=d.filter_judge_cache)
+        return HttpJudge(spec, batch=f.judge_batch, retries=f.judge_retries,
+                         timeout=f.judge_timeout, cache_dir=f.judge_cache)
     module, _, name = spec.partition(":")
     if not name:
-        raise ValueError(f"data.filter_judge={spec!r}: expected an http(s) URL or 'module:function'")
+        raise ValueError(f"filter.judge={spec!r}: expected an http(s) URL or 'module:function'")
     return CallableJudge(getattr(importlib.import_module(module), name))
 
 
@@ -237,7 +237,7 @@ def _evenly(frames: np.ndarray, count: int) -> np.ndarray:
 def filter_triplets(cfg, triplets: list[Triplet], list_report: BadSamples | None = None, judge: Judge | None = None,
                     show_progress: bool = False) -> list[dict]:
     """One row per triplet (and per unreadable list row): scores, keep (1/0) and the reasons for a reject."""
-    d = cfg.data
+    d, f = cfg.data, cfg.filter
     scoring = dataclasses.replace(d, pad_frames=False, buckets=[])
     rows, judged = [], []
     for entry in (list_report.entries if list_report else []):
@@ -248,16 +248,16 @@ def filter_triplets(cfg, triplets: list[Triplet], list_report: BadSamples | None
         rows.append(row)
         report = BadSamples()
         try:
-            size = _scoring_size(triplet.source, d.filter_size)
+            size = _scoring_size(triplet.source, f.size)
         except VideoError as err:
             row.update(keep=0, reasons=err.reason)
             continue
-        clip = try_load_clip(triplet, scoring, report, seed=None, num_frames=d.filter_frames, size=size)
+        clip = try_load_clip(triplet, scoring, report, seed=None, num_frames=f.frames, size=size)
         if clip is None:
             row.update(keep=0, reasons=report.entries[0]["reason"])
             continue
         row.update(clip_scores(clip.source, clip.target, clip.source_fps, clip.target_fps))
-        reasons = reject_reasons(row, d)
+        reasons = reject_reasons(row, f)
         row.update(keep=int(not reasons), reasons="; ".join(reasons))
         if judge is not None and not reasons:
             judged.append((row, triplet))
@@ -267,16 +267,16 @@ def filter_triplets(cfg, triplets: list[Triplet], list_report: BadSamples | None
 
 
 def _judge_rows(cfg, judge: Judge, judged: list) -> None:
-    d = cfg.data
-    batch = max(1, d.filter_judge_batch)
+    d, f = cfg.data, cfg.filter
+    batch = max(1, f.judge_batch)
     for start in range(0, len(judged), batch):
         chunk = judged[start:start + batch]
         items = []
         for row, triplet in chunk:
             clip = load_clip(triplet, dataclasses.replace(d, pad_frames=False), seed=None,
-                             num_frames=d.filter_frames, size=_scoring_size(triplet.source, 4 * d.filter_size))
-            items.append(JudgeItem(_evenly(clip.source, d.filter_judge_frames),
-                                   _evenly(clip.target, d.filter_judge_frames), triplet.instruction))
+                             num_frames=f.frames, size=_scoring_size(triplet.source, 4 * f.size))
+            items.append(JudgeItem(_evenly(clip.source, f.judge_frames),
+                                   _evenly(clip.target, f.judge_frames), triplet.instruction))
         try:
             scores = judge(items)
         except Exception as err:  # noqa: BLE001 - a user judge that raises fails its batch, not the run
@@ -286,7 +286,7 @@ def _judge_rows(cfg, judge: Judge, judged: list) -> None:
                 row.update(keep=0, reasons=f"judge failed ({score})")
                 continue
             row["judge_score"] = float(score)
-            reasons = reject_reasons(row, d)
+            reasons = reject_reasons(row, f)
             row.update(keep=int(not reasons), reasons="; ".join(reasons))
 
 

@@ -27,11 +27,11 @@ JUDGE_FRAMES = 3  # evenly spaced frames of source and edit sent to the judge (a
 
 
 def make_judge(spec: str):
-    """A judge from `spec` as `data.filter_judge` takes it: an http(s) URL or 'module:function'; '' = none."""
-    from insvie_jax.config import DataConfig
+    """A judge from `spec` as `filter.judge` takes it: an http(s) URL or 'module:function'; '' = none."""
+    from insvie_jax.config import FilterConfig
     from insvie_jax.data import filters
 
-    return filters.make_judge(dataclasses.replace(DataConfig(), filter_judge=spec)) if spec else None
+    return filters.make_judge(dataclasses.replace(FilterConfig(), judge=spec)) if spec else None
 
 
 def _judge(judge, source: np.ndarray, edit: np.ndarray, instruction: str) -> float:
