@@ -303,14 +303,15 @@ def check(cfg: configlib.Config, topology: str, slices: int = 1, edit: bool = Fa
     report = {
         "topology": topologylib.topology_name(topology), "slices": slices, "chips": len(devices),
         "hosts": len({d.process_index for d in devices}), "chip": chip.name if chip else devices[0].device_kind,
-        "hbm_bytes": chip.hbm_bytes if chip else None, "peak_tflops": chip.peak_tflops if chip else None,
+        "hbm_bytes": chip.hbm_bytes if chip else None, "usable_bytes": chip.usable_bytes if chip else None,
+        "peak_tflops": chip.peak_tflops if chip else None,
         "mesh": dict(mesh.shape), "attention": attention, "remat_policy": cfg.model.remat_policy,
         "scan_layers": cfg.model.scan_layers, "batch_size": cfg.data.batch_size,
         "latents": [f, h, w], "mfu": mfu, "programs": [],
     }
     for p in programs:
         entry = dataclasses.asdict(p)
-        entry["fits"] = p.compiler_message is None and (chip is None or p.memory["total"] <= chip.hbm_bytes)
+        entry["fits"] = p.compiler_message is None and (chip is None or p.memory["total"] <= chip.usable_bytes)
         if chip:
             entry["step_s_at_peak"] = p.model_flops_per_chip / (chip.peak_tflops * 1e12)
             entry["step_s_at_mfu"] = entry["step_s_at_peak"] / mfu
@@ -323,7 +324,7 @@ def check(cfg: configlib.Config, topology: str, slices: int = 1, edit: bool = Fa
 def advice(cfg: configlib.Config, p: Check, chip: topologylib.Chip, attention: str) -> list[str]:
     """What to change when a program does not fit, from what dominates its memory."""
     tips = []
-    over = p.memory["total"] - chip.hbm_bytes
+    over = p.memory["total"] - chip.usable_bytes
     state = {k: v for k, v in p.state.items() if k != "batch"}
     state_bytes = sum(state.values())
     if state_bytes > 0.4 * chip.hbm_bytes:
@@ -344,7 +345,7 @@ def advice(cfg: configlib.Config, p: Check, chip: topologylib.Chip, attention: s
                     "(mesh.ici_context > 1, taken from ici_fsdp or ici_data)")
     need = "at least " if p.compiler_message else ""
     tips.insert(0, f"needs {need}{p.memory['total'] / GIB:.1f} GiB per chip, {over / GIB:.1f} GiB more than the "
-                   f"{chip.hbm_bytes / GIB:.0f} GiB of a {chip.name} chip")
+                   f"{chip.usable_bytes / GIB:.2f} GiB a {chip.name} chip has for a program")
     return tips
 
 
@@ -356,10 +357,10 @@ def format_report(report: dict) -> str:
              f"{report['remat_policy']}, batch {report['batch_size']}, latents {'x'.join(map(str, report['latents']))}"]
     for p in report["programs"]:
         m = p["memory"]
-        hbm = report["hbm_bytes"]
+        hbm = report["usable_bytes"]
         verdict = "FITS" if p["fits"] else "DOES NOT FIT"
-        lines.append(f"\n{p['program']}: {verdict} ({m['total'] / GIB:.2f} GiB of "
-                     f"{hbm / GIB:.0f} GiB per chip)" if hbm else f"\n{p['program']}: {m['total'] / GIB:.2f} GiB")
+        lines.append(f"\n{p['program']}: {verdict} ({m['total'] / GIB:.2f} GiB of the "
+                     f"{hbm / GIB:.2f} GiB usable per chip)" if hbm else f"\n{p['program']}: {m['total'] / GIB:.2f} GiB")
         lines.append(f"  memory per chip: arguments {m['arguments'] / GIB:.2f} GiB, temporaries "
                      f"{m['temporaries'] / GIB:.2f} GiB, outputs {m['outputs'] / GIB:.2f} GiB (aliased with "
                      f"arguments {m['aliased'] / GIB:.2f} GiB), code {m['code'] / 2**20:.1f} MiB")

@@ -161,8 +161,13 @@ FULL = [
                  "model.remat_policy=full"], False, id="2b-full-v5p-64chips-readme"),
     pytest.param("cogvideox-5b-edit", "v5p:4x4x4", 1, ["mesh.ici_data=1", "mesh.ici_fsdp=-1", "data.batch_size=64",
                  "model.remat_policy=full"], False, id="5b-full-v5p-64chips"),
-    pytest.param("cogvideox-5b-edit", "v5e:4x4", 2, ["mesh.ici_data=1", "mesh.ici_fsdp=-1", "mesh.dcn_data=2",
-                 "data.batch_size=32", "model.remat_policy=full"], False, id="5b-full-2-slices-v5e-16"),
+    # 5B on 16 GiB chips: one clip per chip does not fit (21.2 GiB with full remat); each clip's sequence split
+    # over 2 chips, the weights sharded over fsdp x context, the saved layer inputs in host memory.
+    pytest.param("cogvideox-5b-edit", "v5e:4x4", 2, ["mesh.ici_data=1", "mesh.ici_fsdp=-1", "mesh.ici_context=2",
+                 "mesh.dcn_data=2", "data.batch_size=16", "model.remat_policy=full_offload",
+                 "mesh.logical_axis_rules=[[batch,[data,fsdp]],[length,context],[embed,[fsdp,context]],"
+                 "[heads,tensor],[mlp,tensor],[head_dim,null],[vocab,tensor],[layers,null]]"], False,
+                 id="5b-full-2-slices-v5e-16-context2"),
     # CogVideoX1.5 size: 81 frames at 768x1360, 85 680 video tokens, each clip's sequence split over 2 chips.
     pytest.param("cogvideox-2b-edit", "v6e:4x4", 1, ["mesh.ici_data=1", "mesh.ici_fsdp=-1", "mesh.ici_context=2",
                  "data.batch_size=8", "data.num_frames=81", "data.height=768", "data.width=1360",
@@ -176,7 +181,7 @@ def test_full_size_configs_compile_and_fit(env, tmp_path, preset, topo, slices, 
     proc, report = compile_cli(env, tmp_path, *args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert report["fits"] and report["attention"] == "splash"
-    hbm = report["hbm_bytes"]
+    hbm = report["usable_bytes"]
     for program in report["programs"]:
         assert 0 < program["memory"]["total"] <= hbm
     print(json.dumps({p["program"]: {k: round(v / GIB, 2) for k, v in p["memory"].items()}

@@ -17,14 +17,20 @@ import os
 import re
 
 
+GIB = 2**30
+
+
 @dataclasses.dataclass(frozen=True)
 class Chip:
     name: str
     hbm_bytes: int  # high-bandwidth memory per chip
     peak_tflops: float  # dense bf16, from the vendor's data sheet
 
+    @property
+    def usable_bytes(self) -> int:
+        """What a program may use: libtpu keeps a quarter GiB back (it reports 15.75 GiB available on a v5e)."""
+        return self.hbm_bytes - GIB // 4
 
-GIB = 2**30
 
 # device_kind (as libtpu reports it) -> chip. Matched exactly: "TPU v5" is v5p, "TPU v5 lite" is v5e.
 CHIPS = {
