@@ -200,6 +200,9 @@ class DataConfig:
     # generator's instructions (empty = all).
     generate: int = 0
     generate_instructions: list = dataclasses.field(default_factory=list)
+    # > 0: also this many fresh triplets (another seed) in <folder>/val, which validation edits instead of
+    # training clips: the metric then says whether the model generalises rather than memorises.
+    generate_val: int = 0
     # `insvie-jax filter` thresholds; a triplet failing any is rejected with the failing score named.
     filter_frames: int = 17  # frames scored per clip
     filter_size: int = 64  # scoring resolution (shorter side, pixels)
