@@ -36,6 +36,11 @@ def cmd_train(args) -> int:
         print(f"insvie-jax train: {err}", file=sys.stderr)
         return 3
     print(json.dumps(summary, indent=2))
+    if "samples" in summary:
+        print(f"insvie-jax train: validation edits (source | edit | target) in {summary['samples']}/ "
+              "(contact_sheet.png and one mp4 per clip)", file=sys.stderr)
+    if "edit_command" in summary:
+        print(f"insvie-jax train: edit with this run:\n  {summary['edit_command']}", file=sys.stderr)
     return 143 if summary["interrupted"] else 0  # 128 + SIGTERM: stopped early, checkpoint saved
 
 

@@ -20,6 +20,7 @@ from insvie_jax.data import records
 from insvie_jax.data import synthetic_videos as sv
 from insvie_jax.sample import edit as editlib
 from insvie_jax.sample.edit import output_name
+from insvie_jax.train.checkpoint import find_run_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 SHORT = ["data.generate=4", "data.generate_val=2", "data.batch_size=2", "train.num_val_clips=2", "train.steps=3",
@@ -96,10 +97,9 @@ def test_edit_with_the_run_folder_as_the_summary_prints_it(runs, env, tmp_path):
     printed = _cli([*command[1:], "--steps", "2"], env).stdout.split()
     edited = out / output_name(video, instruction) / "edit.mp4"
     assert printed == [str(edited)] and edited.stat().st_size > 0
-    # A step folder, without EMA, works too.
-    _cli(["edit", "--checkpoint", str(run_a / "checkpoints" / "3"), "--video", str(video), "--instruction",
-          instruction, "--out", str(tmp_path / "step"), "--steps", "2"], env)
-    assert (tmp_path / "step" / output_name(video, instruction) / "edit.mp4").exists()
+    # A step folder names the same run and step; other folders are not runs.
+    assert find_run_checkpoint(run_a / "checkpoints" / "3") == (run_a, 3) == find_run_checkpoint(run_a)
+    assert find_run_checkpoint(run_a / "data") is None
 
     # Edit conditions on exactly what encode stored (and the model trained on) for this instruction.
     cfg = configlib.load(run_a / "config.yaml")

@@ -72,7 +72,8 @@ def _latent_means(vae, video):
     return vae.encode(video).mean
 
 
-def train(cfg: configlib.Config, steps: int, batch: int, lr: float, kl_weight: float, seed: int, log_every: int = 100):
+def train(cfg: configlib.Config, steps: int, batch: int, lr: float, kl_weight: float, decoder_noise: float, seed: int,
+          log_every: int = 100):
     """The trained VAE and its training log."""
     d = cfg.data
     vae = vae_model.build(cfg.vae, seed=seed)
@@ -83,7 +84,11 @@ def train(cfg: configlib.Config, steps: int, batch: int, lr: float, kl_weight: f
     def step(vae, optimizer, video, key):
         def loss_fn(vae):
             posterior = vae.encode(video)
-            decoded = vae.decode(posterior.sample(key))
+            # Extra latent noise: the decoder learns to map slightly-off latents (a diffusion model's samples)
+            # to clean pictures rather than to speckles.
+            sample_key, noise_key = jax.random.split(key)
+            z = posterior.sample(sample_key) + decoder_noise * jax.random.normal(noise_key, posterior.mean.shape)
+            decoded = vae.decode(z)
             mse = jnp.mean((decoded - video) ** 2)
             kl = 0.5 * jnp.mean(posterior.mean ** 2 + jnp.exp(posterior.logvar) - 1 - posterior.logvar)
             return mse + kl_weight * kl, (mse, kl)
@@ -121,6 +126,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=16, help="clips per step (half sources, half edits)")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--kl-weight", type=float, default=1e-5)
+    parser.add_argument("--decoder-noise", type=float, default=0.1, help="std of extra noise on the decoded latents")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     args = parser.parse_args(argv)
@@ -128,13 +134,14 @@ def main(argv=None) -> int:
     cfg = configlib.load(args.config, ["vae.path=", *args.set])
     # Trained in float32 with the memory modes (frame batches) it runs with, so its group norms see what they will.
     cfg = dataclasses.replace(cfg, vae=dataclasses.replace(cfg.vae, dtype="float32", random_posterior_std=0.0))
-    vae, log = train(cfg, args.steps, args.batch, args.lr, args.kl_weight, args.seed)
+    vae, log = train(cfg, args.steps, args.batch, args.lr, args.kl_weight, args.decoder_noise, args.seed)
     fresh = reconstruction_psnr(vae, cfg, args.seed)
     factor = scaling_factor(vae, cfg, args.seed)
     out_cfg = dataclasses.replace(cfg.vae, scaling_factor=round(factor, 4))
     out = vae_keys.write_vae(flat_params(vae), out_cfg, args.out, "diffusers", "fp16")
     record = {"fresh_psnr_db": round(fresh, 2), "scaling_factor": round(factor, 4), "steps": args.steps,
-              "batch": args.batch, "lr": args.lr, "kl_weight": args.kl_weight, "seed": args.seed,
+              "batch": args.batch, "lr": args.lr, "kl_weight": args.kl_weight, "decoder_noise": args.decoder_noise,
+              "seed": args.seed,
               "device": jax.devices()[0].device_kind, "seconds": log[-1]["seconds"]}
     (out / "training.json").write_text(json.dumps({**record, "log": log}, indent=1) + "\n")
     print(json.dumps(record))
