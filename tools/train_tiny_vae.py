@@ -126,7 +126,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=16, help="clips per step (half sources, half edits)")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--kl-weight", type=float, default=1e-5)
-    parser.add_argument("--decoder-noise", type=float, default=0.1, help="std of extra noise on the decoded latents")
+    parser.add_argument("--decoder-noise", type=float, default=0.0,
+                        help="std of extra noise on the decoded latents (0: the shipped VAE)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     args = parser.parse_args(argv)

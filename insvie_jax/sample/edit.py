@@ -7,8 +7,8 @@ with 3-way guidance (the unconditional text is an all-zero embedding, the uncond
 
 An empty VAE / T5 path, or no transformer checkpoint, builds the config's model with random weights (seeded by
 data.seed, as encode builds them): that is how the tiny config runs without any weights. A training run folder
-as the checkpoint edits with its latest (or EMA) weights; the CLI then takes the run's own config. Every random draw comes from the explicit `seed`, so an
-edit is reproducible.
+as the checkpoint edits with its latest (or EMA) weights; the CLI then takes the run's own config. Every random
+draw comes from the explicit `seed`, so an edit is reproducible.
 """
 
 from __future__ import annotations
