@@ -17,12 +17,12 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. train.lr=3e-4")
 
 
-def _split_config(args) -> tuple[str, list[str]]:
+def _split_config(args, default: str | None = DEFAULT_CONFIG) -> tuple[str | None, list[str]]:
     # `insvie-jax train model.num_layers=4` (no config named) means the default config with that override.
     # A YAML path may itself hold "=" (e.g. a sweep run's folder, runs/lora.rank=64/config.yaml).
     if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
-        return DEFAULT_CONFIG, [args.config, *args.overrides]
-    return args.config, list(args.overrides)
+        return default, [args.config, *args.overrides]
+    return args.config or default, list(args.overrides)
 
 
 def cmd_train(args) -> int:
@@ -36,6 +36,11 @@ def cmd_train(args) -> int:
         print(f"insvie-jax train: {err}", file=sys.stderr)
         return 3
     print(json.dumps(summary, indent=2))
+    if "samples" in summary:
+        print(f"insvie-jax train: validation edits (source | edit | target) in {summary['samples']}/ "
+              "(contact_sheet.png and one mp4 per clip)", file=sys.stderr)
+    if "edit_command" in summary:
+        print(f"insvie-jax train: edit with this run:\n  {summary['edit_command']}", file=sys.stderr)
     return 143 if summary["interrupted"] else 0  # 128 + SIGTERM: stopped early, checkpoint saved
 
 
@@ -81,18 +86,22 @@ def _csv_rows(csv_path: str, test_folder: str | None) -> list[tuple[str, str]]:
 def cmd_edit(args) -> int:
     from insvie_jax.sample import edit as editlib
     from insvie_jax.sample.video import VideoError
+    from insvie_jax.train.checkpoint import find_run_checkpoint
 
-    path, overrides = _split_config(args)
+    path, overrides = _split_config(args, default=None)
     shortcuts = {"seed": args.seed, "steps": args.steps, "text_scale": args.text_scale,
                  "source_scale": args.source_scale}
     overrides += [f"sample.{key}={value}" for key, value in shortcuts.items() if value is not None]
+    run = find_run_checkpoint(args.checkpoint) if args.checkpoint else None
+    if path is None:  # no config named: a training run's own (its VAE, text encoder, sizes), else the default
+        path = run[0] / "config.yaml" if run else DEFAULT_CONFIG
     cfg = configlib.load(path, overrides)
     if bool(args.video) == bool(args.csv):
         raise configlib.ConfigError("pass either --video with --instruction, or --csv (with --test-folder)")
     if args.video and not args.instruction:
         raise configlib.ConfigError("--video needs --instruction \"what to change\"")
     jobs = [(args.video, args.instruction)] if args.video else _csv_rows(args.csv, args.test_folder)
-    editor = editlib.Editor(cfg, args.checkpoint, args.vae, args.t5)
+    editor = editlib.Editor(cfg, args.checkpoint, args.vae, args.t5, ema=args.ema)
     failed = 0
     for video, instruction in jobs:
         try:
@@ -252,7 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--instruction", help="what to change, e.g. \"make it snow\"")
     edit.add_argument("--csv", help="InsViE batch file: header, then name[, ...], instruction per row")
     edit.add_argument("--test-folder", help="folder of the CSV's videos (relative to the CSV's folder)")
-    edit.add_argument("--checkpoint", help="transformer: SAT, diffusers or native (default: random weights)")
+    edit.set_defaults(config=None)  # none named: the --checkpoint run's config.yaml, else the default config
+    edit.add_argument("--checkpoint", help="transformer: a training run folder (latest checkpoint) or "
+                      "RUN/checkpoints/STEP, with the run's config; or SAT, diffusers or native (default: random "
+                      "weights)")
+    edit.add_argument("--ema", action="store_true", help="the run's EMA weights (train.ema_decay > 0)")
     edit.add_argument("--vae", help="diffusers vae/ folder or SAT 3d-vae.pt (default: vae.path; empty = random)")
     edit.add_argument("--t5", help="Hugging Face T5 folder (default: text_encoder.path; empty = random)")
     edit.add_argument("--out", default="outputs", help="output folder (default: outputs)")

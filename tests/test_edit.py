@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 STEPS = ["sample.steps=3"]
 SRC_FRAMES, SRC_H, SRC_W, SRC_FPS = 11, 80, 112, 10
 FRAMES, H, W, FPS = 9, 64, 96, 7  # largest 4k+1 <= 11; tiny's data.height x data.width; sample.fps
-INSTRUCTION = "make it snow"  # 13 byte tokens with EOS: longer than tiny's text_encoder.max_length=8
+INSTRUCTION = "make it snow on all the trees and hills"  # 9 word tokens with EOS: more than tiny's max_length=8
 
 
 def make_clip(path: Path, frames: int = SRC_FRAMES, height: int = SRC_H, width: int = SRC_W) -> Path:

@@ -285,6 +285,9 @@ class DataConfig:
     # generator's instructions (empty = all).
     generate: int = ranged(0, ">= 0")
     generate_instructions: list = dataclasses.field(default_factory=list)
+    # > 0: also this many fresh triplets (another seed) in <folder>/val, which validation edits instead of
+    # training clips: the metric then says whether the model generalises rather than memorises.
+    generate_val: int = ranged(0, ">= 0")
 
 
 @dataclasses.dataclass

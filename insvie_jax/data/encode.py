@@ -4,7 +4,7 @@ Work is cut into units of `data.shard_size` input triplets (in list order). A un
 bucket (latent shape) under temporary names, then renames them and writes `part-<unit>.done.json` last; a
 rerun skips units with a done file, so a crashed encode resumes where it stopped. The manifest is written
 when every unit is done. With empty `vae.path` / `text_encoder.path` the config's randomly initialised
-(seeded) models and a hashing tokenizer are used: that is how the tests run.
+(seeded) models and a hashing tokenizer are used (convert/encoders.py decides): that is how the tests run.
 
 Several processes (hosts) run the same command: unit i belongs to process i % process_count, each writes
 its units' shards and done files into the one shared output folder, and after a barrier process 0 merges
@@ -34,6 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from insvie_jax.config import MeshConfig
+from insvie_jax.convert import encoders
 from insvie_jax.data import records
 from insvie_jax.data.sources import BadSamples, Clip, SampleError, Triplet, load_clip, read_lists, to_unit_range
 from insvie_jax.data.video import VideoError
@@ -42,20 +43,6 @@ from insvie_jax.parallel.mesh import create_mesh
 
 TEXT_BATCH = 16
 _CALLS = itertools.count()  # numbers the barriers of successive encode_lists calls (the same on every process)
-
-
-class HashTokenizer:
-    """Stand-in for T5's sentencepiece model when no text encoder is configured (tests, tiny): each word maps
-    to a stable id in [2, vocab), leaving 0 (pad) and 1 (EOS) free. Same `encode` call as sentencepiece."""
-
-    def __init__(self, vocab_size: int):
-        self.vocab_size = vocab_size
-
-    def encode(self, texts, out_type=int):
-        def word_id(word: str) -> int:
-            return 2 + int.from_bytes(hashlib.sha256(word.encode()).digest()[:4], "little") % (self.vocab_size - 2)
-
-        return [[word_id(w) for w in text.lower().split()] for text in texts]
 
 
 def config_hash(cfg) -> str:
@@ -72,14 +59,8 @@ def config_hash(cfg) -> str:
 
 
 def load_vae_of(cfg):
-    """The config's VAE: `vae.path`, or with an empty path the random one seeded by data.seed (tests, tiny)."""
-    if cfg.vae.path:
-        from insvie_jax.convert.vae_keys import load_vae
-
-        return load_vae(cfg.vae.path, cfg.vae)[0]
-    from insvie_jax.models import vae as vae_model
-
-    return vae_model.build(cfg.vae, seed=cfg.data.seed)
+    """The config's VAE (convert/encoders.py decides which)."""
+    return encoders.load_vae(cfg)[0]
 
 
 class TripletEncoder:
@@ -98,18 +79,7 @@ class TripletEncoder:
         self.batch_size = -(-per_step // len(self.devices)) * len(self.devices)  # a multiple of the device count
         self._step = None
         self.vae = load_vae_of(cfg)
-        if cfg.text_encoder.path:
-            from insvie_jax.convert.t5_keys import load_t5, load_tokenizer
-
-            self.text_encoder, _ = load_t5(cfg.text_encoder.path, cfg.text_encoder)
-            path = Path(cfg.text_encoder.path)
-            try:
-                self.tokenizer = load_tokenizer(path)
-            except FileNotFoundError:
-                self.tokenizer = load_tokenizer(path.parent)  # diffusers: text_encoder/ beside tokenizer/
-        else:
-            self.text_encoder = t5.build(cfg.text_encoder, seed=cfg.data.seed)
-            self.tokenizer = HashTokenizer(cfg.text_encoder.vocab_size)
+        self.text_encoder, _, self.tokenizer = encoders.load_text_encoder(cfg)
         self._tokenize = t5.tokenize
 
         @nnx.jit

@@ -19,8 +19,6 @@ from pathlib import Path
 
 import numpy as np
 
-from insvie_jax.data.video import write_video
-
 # Instruction -> (what it changes, new colour or None for "remove").
 INSTRUCTIONS = {
     "make the circle red": ("circle", (220, 30, 30)),
@@ -114,6 +112,8 @@ def write_triplets(folder: str | Path, count: int, num_frames: int, height: int,
                    seed: int = 0, instructions: list[str] | None = None) -> Path:
     """Writes `count` triplets as folder/{source,edit}/NNNNN.mp4 and folder/triplets.csv (InsViE layout);
     returns the CSV's path. The CSV is written last, so its presence means the folder is complete."""
+    from insvie_jax.data.video import write_video  # PyAV: only where clips are written
+
     folder = Path(folder)
     unknown = sorted(set(instructions or []) - set(INSTRUCTIONS))
     if unknown:
@@ -142,14 +142,23 @@ def write_insvie_csv(path: str | Path, rows: list[list[str]]) -> None:
         writer.writerows(rows)
 
 
+VAL_SEED_OFFSET = 1_000_000  # validation scenes: a generator seed no training folder uses
+
+
+def validation_folders(cfg) -> list[Path]:
+    """The held-out scenes' shard folders (data.generate_val > 0): <folder>/val of each data.paths folder."""
+    d = cfg.data
+    if not (d.generate and d.generate_val):
+        return []
+    return [Path(p) / "val" for p in (d.paths or [str(Path(cfg.train.run_dir) / "data")])]
+
+
 def prepare(cfg, main: bool = True):
     """`data.generate` > 0: returns `cfg` with data.paths filled in (empty = [<train.run_dir>/data]) after making
     sure every folder holds encoded shards: where one has no manifest yet, writes `data.generate` moving-shape
-    triplets (clips and CSV in <folder>/videos) and encodes them with the config's VAE and T5. Only the `main`
-    process writes; the caller makes the others wait for it."""
-    from insvie_jax.data import records
-    from insvie_jax.data.encode import encode_lists
-
+    triplets (clips and CSV in <folder>/videos) and encodes them with the config's VAE and T5; with
+    `data.generate_val`, the same for that many fresh scenes in <folder>/val. Only the `main` process writes;
+    the caller makes the others wait for it."""
     d = cfg.data
     if not d.generate:
         return cfg
@@ -158,17 +167,35 @@ def prepare(cfg, main: bool = True):
     if not main:
         return cfg
     for number, folder in enumerate(map(Path, paths)):
-        if (folder / records.MANIFEST).exists():
-            continue
-        videos = folder / "videos"
-        csv_path = videos / "triplets.csv"
-        spec = {"count": d.generate, "frames": d.num_frames, "height": d.height, "width": d.width, "fps": d.fps,
-                "seed": d.seed + number, "instructions": d.generate_instructions}
-        stamp = videos / "generate.json"
-        if not (csv_path.exists() and stamp.exists() and json.loads(stamp.read_text()) == spec):
-            print(f"insvie-jax: writing {d.generate} synthetic triplets to {videos}", flush=True)
-            write_triplets(videos, d.generate, d.num_frames, d.height, d.width, d.fps, d.seed + number,
-                           d.generate_instructions or None)
-            stamp.write_text(json.dumps(spec))
-        encode_lists(cfg, [csv_path], folder)
+        _generate_and_encode(cfg, folder, d.generate, d.seed + number)
+    for number, folder in enumerate(validation_folders(cfg)):
+        _generate_and_encode(cfg, folder, d.generate_val, d.seed + number + VAL_SEED_OFFSET)
     return cfg
+
+
+def _generate_and_encode(cfg, folder: Path, count: int, seed: int) -> None:
+    from insvie_jax.data import records
+    from insvie_jax.data.encode import encode_lists
+
+    d = cfg.data
+    if (folder / records.MANIFEST).exists():
+        return
+    videos = folder / "videos"
+    csv_path = videos / "triplets.csv"
+    spec = {"count": count, "frames": d.num_frames, "height": d.height, "width": d.width, "fps": d.fps,
+            "seed": seed, "instructions": d.generate_instructions}
+    stamp = videos / "generate.json"
+    if not (csv_path.exists() and stamp.exists() and json.loads(stamp.read_text()) == spec):
+        print(f"insvie-jax: writing {count} synthetic triplets to {videos}", flush=True)
+        write_triplets(videos, count, d.num_frames, d.height, d.width, d.fps, seed, d.generate_instructions or None)
+        stamp.write_text(json.dumps(spec))
+    encode_lists(cfg, [csv_path], folder)
+
+
+def instructions_of(folder: str | Path) -> dict[str, str]:
+    """{clip name: instruction} of a generated folder's triplets (empty when it has no CSV)."""
+    path = Path(folder) / "videos" / "triplets.csv"
+    if not path.exists():
+        return {}
+    with open(path, newline="") as f:
+        return {row["video"]: row["instruction"] for row in csv.DictReader(f)}

@@ -19,6 +19,7 @@ import numpy as np
 SEEK_MIN_INDEX = 48
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
+X264_DETERMINISTIC = "threads=1:lookahead-threads=1:mbtree=0"
 
 class VideoError(Exception):
     """A file that cannot be used as a clip; `reason` is a short phrase for bad-sample reports."""
@@ -147,7 +148,11 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float = 8, codec: str
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
         if codec == "libx264":
-            stream.options = {"crf": str(crf)}
+            # Bit-identical files from the same frames: one encoding and one lookahead thread (x264's output otherwise
+            # depends on the machine), and no macroblock-tree rate control (with it, x264 core 165 under PyAV 18 gave
+            # byte-different files from the same frames now and then, even single-threaded).
+            stream.options = {"crf": str(crf), "threads": "1", "x264-params": X264_DETERMINISTIC}
+            stream.codec_context.thread_count = 1
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)

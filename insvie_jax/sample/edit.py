@@ -5,9 +5,10 @@ video file -> frames (4k+1, resized and centre-cropped to data.height × data.wi
 with 3-way guidance (the unconditional text is an all-zero embedding, the unconditional source zero latents)
 -> ÷ scaling factor -> VAE decode -> uint8 -> edit.mp4, side_by_side.mp4, contact_sheet.png, meta.json.
 
-An empty VAE / T5 path, or no transformer checkpoint, builds the config's model with random weights (seeded):
-that is how the tiny config runs without any weights. Every random draw comes from the explicit `seed`, so an
-edit is reproducible.
+An empty VAE / T5 path, or no transformer checkpoint, builds the config's model with random weights (seeded by
+data.seed, as encode builds them): that is how the tiny config runs without any weights. A training run folder
+as the checkpoint edits with its latest (or EMA) weights; the CLI then takes the run's own config. Every random
+draw comes from the explicit `seed`, so an edit is reproducible.
 """
 
 from __future__ import annotations
@@ -18,20 +19,22 @@ import logging
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from insvie_jax import config as configlib
 from insvie_jax.config import Config
+from insvie_jax.convert import encoders
 from insvie_jax.models import t5 as t5_model
 from insvie_jax.models import transformer as tr
 from insvie_jax.models import vae as vae_model
+from insvie_jax.models.params import flat_params
 from insvie_jax.sample import loop
 from insvie_jax.sample import video as videolib
 
 log = logging.getLogger(__name__)
 
-RANDOM_WEIGHTS_SEED = 0  # random stand-in models do not change with the sampling seed
 # ModelConfig fields that say how to run the model, not what it is: taken from the config, not the checkpoint.
 RUNTIME_FIELDS = ("dtype", "param_dtype", "attention", "scan_layers", "remat_policy")
 NAME_CHARS = 120  # InsViE's output folder keeps the first 120 characters of the instruction
@@ -39,17 +42,6 @@ NAME_CHARS = 120  # InsViE's output folder keeps the first 120 characters of the
 
 class EditError(configlib.ConfigError):
     """Models or inputs that do not fit together; the message says what to change."""
-
-
-class ByteTokenizer:
-    """A stand-in for T5's sentencepiece model when the T5 has random weights (no tokenizer files exist):
-    each UTF-8 byte becomes one id past PAD and EOS. Same interface as `SentencePieceProcessor.encode`."""
-
-    def __init__(self, vocab_size: int):
-        self.vocab_size = vocab_size
-
-    def encode(self, texts, out_type=int):
-        return [[2 + b % (self.vocab_size - 2) for b in text.encode()] for text in texts]
 
 
 @dataclasses.dataclass
@@ -72,61 +64,46 @@ class EditResult:
     meta: dict
 
 
-def _transformer_weights(cfg: Config, checkpoint: str | None):
-    """(flat params or None for random weights, ModelConfig): the checkpoint's architecture, the config's runtime."""
+def _transformer_weights(cfg: Config, checkpoint: str | None, ema: bool = False):
+    """(flat params or None for random weights, ModelConfig): the checkpoint's architecture, the config's runtime.
+    `checkpoint` may be a training run folder (its latest checkpoint) or RUN/checkpoints/<step>; `ema` takes the
+    run's EMA weights."""
     if not checkpoint:
         log.warning("insvie-jax edit: no --checkpoint: using a RANDOM transformer of config model '%s' "
                     "(smoke test; the edit will be noise)", cfg.model.name)
         return None, cfg.model
     from insvie_jax.convert import api
+    # A run's orbax checkpoint is read with the training code (a lazy import: sample/ sits below train/).
+    from insvie_jax.train import checkpoint as checkpoints
 
-    flat, ckpt_cfg = api.read_flat(checkpoint)
+    run = checkpoints.find_run_checkpoint(checkpoint)
+    if run is not None:
+        model, run_cfg = checkpoints.load_run_model(*run, use_ema=ema)
+        flat, ckpt_cfg = flat_params(model), run_cfg.model
+    elif ema:
+        raise EditError(f"--ema takes a training run's EMA weights; {checkpoint} is not a run folder")
+    else:
+        flat, ckpt_cfg = api.read_flat(checkpoint)
     return flat, dataclasses.replace(ckpt_cfg, **{k: getattr(cfg.model, k) for k in RUNTIME_FIELDS})
 
 
-def _load_vae(cfg: Config, path: str):
-    if not path:
-        return vae_model.build(cfg.vae, RANDOM_WEIGHTS_SEED), cfg.vae.scaling_factor
-    from insvie_jax.convert.vae_keys import load_vae
-
-    folder = Path(path)
-    if folder.is_dir() and not (folder / "config.json").exists() and (folder / "vae").is_dir():
-        folder = folder / "vae"  # a diffusers pipeline folder
-    if not folder.exists():
-        raise FileNotFoundError(f"VAE not found: {folder}: pass a diffusers vae/ folder or SAT 3d-vae.pt (--vae)")
-    vae, config = load_vae(folder, cfg.vae)
-    return vae, float(config.get("scaling_factor", cfg.vae.scaling_factor))
-
-
-def _load_text_encoder(cfg: Config, path: str):
-    if not path:
-        tcfg = cfg.text_encoder
-        return t5_model.build(tcfg, seed=RANDOM_WEIGHTS_SEED), tcfg, ByteTokenizer(tcfg.vocab_size)
-    from insvie_jax.convert.t5_keys import load_t5, load_tokenizer
-
-    encoder, tcfg = load_t5(path, cfg.text_encoder)
-    try:
-        tokenizer = load_tokenizer(path)
-    except FileNotFoundError:
-        tokenizer = load_tokenizer(Path(path).parent / "tokenizer")  # `path` is a pipeline's text_encoder/
-    return encoder, tcfg, tokenizer
-
-
-def load_models(cfg: Config, checkpoint: str | None = None, vae: str | None = None, t5: str | None = None) -> Models:
-    """The transformer (checkpoint in any format, or random), VAE and T5 (paths default to the config's)."""
-    encoder, text_cfg, tokenizer = _load_text_encoder(cfg, cfg.text_encoder.path if t5 is None else t5)
-    flat, model_cfg = _transformer_weights(cfg, checkpoint)
+def load_models(cfg: Config, checkpoint: str | None = None, vae: str | None = None, t5: str | None = None,
+                ema: bool = False) -> Models:
+    """The transformer (checkpoint in any format, a training run, or random), VAE, T5 and tokenizer (paths default
+    to the config's; convert/encoders.py decides the VAE, T5 and tokenizer, as for encode and training)."""
+    encoder, text_cfg, tokenizer = encoders.load_text_encoder(cfg, t5)
+    flat, model_cfg = _transformer_weights(cfg, checkpoint, ema)
     if text_cfg.d_model != model_cfg.text_embed_dim:
         raise EditError(f"the text encoder gives {text_cfg.d_model}-wide embeddings but the transformer takes "
                         f"model.text_embed_dim={model_cfg.text_embed_dim}: use the T5 the model was trained with "
                         "(--t5 / text_encoder.*)")
-    vae_net, scaling_factor = _load_vae(cfg, cfg.vae.path if vae is None else vae)
+    vae_net, scaling_factor = encoders.load_vae(cfg, vae)
     latent_channels = vae_net.decoder.conv_in.kernel.shape[-2]
     if latent_channels != model_cfg.in_channels:
         raise EditError(f"the VAE has {latent_channels} latent channels but the transformer takes "
                         f"model.in_channels={model_cfg.in_channels}: use the VAE the model was trained with (--vae)")
     if flat is None:
-        transformer = tr.build(model_cfg, seed=RANDOM_WEIGHTS_SEED)
+        transformer = tr.build(model_cfg, seed=encoders.stand_in_seed(cfg))
     else:
         from insvie_jax.convert import api
 
@@ -158,7 +135,9 @@ def encode_instruction(models: Models, instruction: str) -> tuple[jax.Array, boo
     max_length = models.text_cfg.max_length
     tokens = len(models.tokenizer.encode([instruction], out_type=int)[0]) + 1  # + EOS
     ids, _ = t5_model.tokenize(models.tokenizer, [instruction], max_length)
-    return _encode_text(models.text_encoder, ids).astype(np.float32), tokens > max_length
+    # Rounded to bfloat16 as `encode` stores it: the model edits with exactly the conditioning it was trained on.
+    text = _encode_text(models.text_encoder, ids).astype(jnp.bfloat16).astype(jnp.float32)
+    return text, tokens > max_length
 
 
 def output_name(video: str | Path, instruction: str) -> str:
@@ -170,9 +149,10 @@ class Editor:
     """Edits one clip after another with the same models, loaded at the first edit (so a bad video fails fast)."""
 
     def __init__(self, cfg: Config, checkpoint: str | None = None, vae: str | None = None, t5: str | None = None,
-                 models: Models | None = None):
+                 models: Models | None = None, ema: bool = False):
         self.cfg = cfg
         self._paths = (checkpoint, vae, t5)
+        self._ema = ema
         self.models = models
 
     def edit(self, video: str | Path, instruction: str, out: str | Path, seed: int | None = None, *,
@@ -182,7 +162,7 @@ class Editor:
         max_frames = (self.models.model_cfg if self.models else cfg.model).sample_frames
         clip = videolib.read_clip(video, cfg.data.height, cfg.data.width, max_frames, cfg.vae.temporal_compression)
         if self.models is None:
-            self.models = load_models(cfg, *self._paths)
+            self.models = load_models(cfg, *self._paths, ema=self._ema)
             if self.models.model_cfg.sample_frames != max_frames:  # the checkpoint's frame limit, not the config's
                 clip = videolib.read_clip(video, cfg.data.height, cfg.data.width, self.models.model_cfg.sample_frames,
                                           cfg.vae.temporal_compression)

@@ -15,6 +15,8 @@ import av
 import numpy as np
 from PIL import Image
 
+from insvie_jax.data.video import X264_DETERMINISTIC
+
 
 class VideoError(ValueError):
     """A video that cannot be used; the message names the file and what to do."""
@@ -112,7 +114,8 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: int | Fraction) -> Path
         stream.height, stream.width = frames.shape[1:3]
         stream.pix_fmt = "yuv420p"
         if codec == "libx264":
-            stream.options = {"crf": "17"}
+            stream.options = {"crf": "17", "threads": "1", "x264-params": X264_DETERMINISTIC}
+            stream.codec_context.thread_count = 1
         else:
             stream.bit_rate = 8_000_000
         for frame in frames:

@@ -90,16 +90,29 @@ class Checkpointer:
         self.manager.close()
 
 
-def export_model(run_dir: str | Path, dst: str | Path, use_ema: bool = False, step: int | None = None,
-                 format: str = "native", dtype: str = "fp32") -> Path:
-    """Writes a run's checkpoint (latest, or `step`) as a plain transformer checkpoint that
-    `load_transformer` reads: the trained (or EMA) weights, LoRA adapters merged in. Runs on one device."""
+def find_run_checkpoint(path: str | Path) -> tuple[Path, int] | None:
+    """(run folder, step) when `path` is a training run folder (its latest checkpoint) or one of its
+    RUN/checkpoints/<step> folders; None for anything else."""
+    path = Path(path)
+    if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
+        steps = sorted(int(p.name) for p in (path / "checkpoints").iterdir() if p.name.isdigit())
+        if not steps:
+            raise FileNotFoundError(f"{path} is a training run without a checkpoint yet: train it further "
+                                    "(checkpoint.every) or pass another --checkpoint")
+        return path, steps[-1]
+    if path.name.isdigit() and path.parent.name == "checkpoints" and (path.parent.parent / "config.yaml").is_file():
+        return path.parent.parent, int(path.name)
+    return None
+
+
+def load_run_model(run_dir: str | Path, step: int | None = None, use_ema: bool = False):
+    """(model, config) of a run's checkpoint (latest, or `step`): the trained (or EMA) weights, LoRA adapters merged
+    in, on one device; the config is the checkpoint's own (in a curriculum, the stage's)."""
     import dataclasses
 
     from flax import nnx
 
     from insvie_jax import config as configlib
-    from insvie_jax.convert.api import save_transformer
     from insvie_jax.models.lora import merge_lora
     from insvie_jax.parallel.mesh import create_mesh
     from insvie_jax.train import step as steplib
@@ -108,11 +121,14 @@ def export_model(run_dir: str | Path, dst: str | Path, use_ema: bool = False, st
     step = checkpoints.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {checkpoints.directory}")
-    # The checkpoint's own config: in a curriculum, what trains (LoRA or not) is the stage's.
+    if not (checkpoints.directory / str(step)).is_dir():
+        raise FileNotFoundError(f"no checkpoint {step} in {checkpoints.directory} (there: "
+                                f"{', '.join(map(str, checkpoints.manager.all_steps())) or 'none'})")
     cfg = configlib.from_dict(checkpoints.meta(step)["config"])
     cfg.mesh = dataclasses.replace(cfg.mesh, ici_data=1, ici_fsdp=1, ici_tensor=1, ici_context=1)
     if use_ema and cfg.train.ema_decay <= 0:
-        raise ValueError(f"{run_dir} was trained without EMA (train.ema_decay=0): export without use_ema")
+        raise configlib.ConfigError(f"{run_dir} was trained without EMA (train.ema_decay=0): use its weights "
+                                    "without EMA (no --ema)")
     optimizer = steplib.make_optimizer(cfg)
     mesh = create_mesh(cfg.mesh)
     graphdef, state_sh, frozen_sh = steplib.state_shardings(cfg, mesh, optimizer)
@@ -124,4 +140,14 @@ def export_model(run_dir: str | Path, dst: str | Path, use_ema: bool = False, st
     model = nnx.merge(graphdef, state["ema"] if use_ema else state["params"], frozen)
     if cfg.lora.enabled:
         model = merge_lora(model)
+    return model, cfg
+
+
+def export_model(run_dir: str | Path, dst: str | Path, use_ema: bool = False, step: int | None = None,
+                 format: str = "native", dtype: str = "fp32") -> Path:
+    """Writes a run's checkpoint (latest, or `step`) as a plain transformer checkpoint that
+    `load_transformer` reads: the trained (or EMA) weights, LoRA adapters merged in. Runs on one device."""
+    from insvie_jax.convert.api import save_transformer
+
+    model, cfg = load_run_model(run_dir, step, use_ema)
     return save_transformer(model, cfg.model, dst, format, dtype)

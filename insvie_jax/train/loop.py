@@ -332,4 +332,24 @@ def run(cfg: configlib.Config) -> dict:
     }
     if cfg.stages:
         summary["stages"] = job.stage_summaries
+    if job.validation and "samples" in job.validation:
+        summary["samples"] = job.validation["samples"]  # mp4s and contact_sheet.png of the last validation
+    if checkpoints.latest_step() is not None:
+        summary["edit_command"] = _edit_command(cfg, run_dir)
     return summary
+
+
+def _edit_command(cfg: configlib.Config, run_dir: Path) -> str:
+    """The `insvie-jax edit` line that edits with this run (its latest checkpoint and its config): on a held-out
+    generated clip when there is one."""
+    import shlex
+
+    video, instruction = "VIDEO.mp4", "INSTRUCTION"
+    for folder in synthetic_videos.validation_folders(cfg)[:1]:
+        known = synthetic_videos.instructions_of(folder)
+        if known:
+            name, instruction = sorted(known.items())[0]
+            video = str(folder / "videos" / "source" / name)
+    ema = " --ema" if cfg.train.ema_decay > 0 else ""
+    return (f"insvie-jax edit --checkpoint {shlex.quote(str(run_dir))}{ema} --video {shlex.quote(video)} "
+            f"--instruction {shlex.quote(instruction)} --out {shlex.quote(str(run_dir / 'edits'))}")

@@ -4,11 +4,12 @@ steps of `sample.sampler`).
 
 Reported: "edit_mse", the mean squared error between the sampled edit latents and the target latents, beside
 "source_mse", the same between the unedited source and the target; an edit model that learned anything has
-edit_mse < source_mse. For pixel-derived data (arrayrecord, video) the latents are decoded with the VAE and
-written to RUN/samples/<steps done>/<clip>.mp4 as source | edit | target, and a frame strip of each goes to
-TensorBoard; their `insvie-jax eval` metrics (psnr/ssim of the edit vs source and target, warp error) join the
-record and samples/<step>/eval.json. The clips: the first batches of the "eval" split of data.paths, or the first
-synthetic batch.
+edit_mse < source_mse. For pixel-derived data (arrayrecord, video) the latents of the first 8 clips are decoded with the
+VAE and written to RUN/samples/<steps done>/<clip>.mp4 as source | edit | target, with one PNG contact sheet
+(contact_sheet.png: per clip its instruction and a source, an edit and a target row), and a frame strip of each
+goes to TensorBoard; their `insvie-jax eval` metrics (psnr/ssim of the edit vs source and target, warp error) join
+the record and samples/<step>/eval.json. The clips: the first batches of the "eval" split of data.paths (with
+data.generate_val, of the held-out generated scenes instead), or the first synthetic batch.
 Every process samples (the model may be sharded across them); only the main process decodes and writes.
 """
 
@@ -28,18 +29,27 @@ from insvie_jax.sample import loop as sampling
 from insvie_jax.sample import video as videolib
 
 STRIP_FRAMES = 4  # frames per clip in the TensorBoard strip
+VIDEO_CLIPS = 8  # clips decoded to mp4 and to the contact sheet (decoding costs more than sampling)
+SHEET_FRAMES = 5  # frames per row of the contact sheet
+CONTACT_SHEET = "contact_sheet.png"
 
 
-def validation_clips(cfg: configlib.Config, synthetic_batch) -> dict[str, np.ndarray]:
-    """{source, target, text} of the first `train.num_val_clips` clips (scaled latents, float32)."""
+def validation_clips(cfg: configlib.Config, synthetic_batch) -> dict:
+    """{source, target, text} of the first `train.num_val_clips` clips (scaled latents, float32), and their
+    "instruction"s where known. Generated data with data.generate_val: its held-out scenes, else training clips."""
     count = cfg.train.num_val_clips
     if cfg.data.source == "synthetic":
         return {k: v[:count] for k, v in synthetic_batch.items()}
+    from insvie_jax.data import synthetic_videos
     from insvie_jax.data.pipeline import make_pipeline
 
+    held_out = synthetic_videos.validation_folders(cfg)
+    if held_out:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, paths=[str(p) for p in held_out],
+                                                                weights=[]))
     # Every process reads the same clips: the eval split, unsharded.
     batches, total = [], 0
-    for batch in make_pipeline(cfg, "eval", 0, 1):
+    for batch in make_pipeline(cfg, "eval", 0, 1, with_names=True):
         batches.append(batch)
         total += len(batch["source"])
         if total >= count:
@@ -47,7 +57,13 @@ def validation_clips(cfg: configlib.Config, synthetic_batch) -> dict[str, np.nda
     shapes = {b["source"].shape[1:] for b in batches}
     if len(shapes) > 1:  # buckets: keep the clips of the first bucket's shape, so they batch together
         batches = [b for b in batches if b["source"].shape[1:] == batches[0]["source"].shape[1:]]
-    return {k: np.concatenate([b[k] for b in batches])[:count] for k in ("source", "target", "text")}
+    clips = {k: np.concatenate([b[k] for b in batches])[:count] for k in ("source", "target", "text")}
+    known = {}
+    for folder in cfg.data.paths:
+        known.update(synthetic_videos.instructions_of(folder))
+    names = [name for b in batches for name in b["name"]][:count]
+    clips["instruction"] = [known.get(name.rsplit(":", 1)[-1], "") for name in names]
+    return clips
 
 
 @nnx.jit
@@ -60,6 +76,7 @@ class Validator:
                  writer, main: bool):
         self.cfg, self.graphdef, self.run_dir, self.writer, self.main = cfg, graphdef, run_dir, writer, main
         replicated = NamedSharding(mesh, PartitionSpec())
+        self.instructions = clips.pop("instruction", None)
         self.clips = {k: jax.make_array_from_callback(v.shape, replicated, lambda idx, v=v: v[idx])
                       for k, v in clips.items()}
         self.host_clips = clips
@@ -81,6 +98,8 @@ class Validator:
         source, target = self.host_clips["source"], self.host_clips["target"]
         record = {"step": done, "val_clips": len(edited), "edit_mse": float(np.mean((edited - target) ** 2)),
                   "source_mse": float(np.mean((source - target) ** 2))}
+        if self.pixels:
+            record["samples"] = str(self.run_dir / "samples" / str(done))
         if self.main:
             if self.pixels:
                 record.update(self._write_videos(done, source, edited, target))
@@ -88,23 +107,45 @@ class Validator:
         return record
 
     def _write_videos(self, done: int, source, edited, target) -> dict:
-        """Writes the decoded clips; returns their `insvie-jax eval` metrics (also in the folder's eval.json)."""
+        """The first VIDEO_CLIPS clips decoded: one mp4 each (source | edit | target side by side) and one PNG
+        contact sheet of them all (per clip a source, an edit and a target row of frames); returns their
+        `insvie-jax eval` metrics (also in the folder's eval.json)."""
         if self.vae is None:
             from insvie_jax.data.encode import load_vae_of
 
             self.vae = load_vae_of(self.cfg)
-        latents = np.concatenate([source, edited, target]) / np.float32(self.cfg.vae.scaling_factor)
+        count = min(len(edited), VIDEO_CLIPS)
+        latents = np.concatenate([source[:count], edited[:count], target[:count]])
+        latents = latents / np.float32(self.cfg.vae.scaling_factor)
         videos = videolib.to_uint8(np.asarray(_decode(self.vae, latents)))
         folder = self.run_dir / "samples" / str(done)
         folder.mkdir(parents=True, exist_ok=True)
-        count = len(edited)
         for index in range(count):
             panel = np.concatenate(videos[index::count], axis=2)  # source | edit | target
             videolib.write_mp4(folder / f"{index:02d}.mp4", panel, self.cfg.sample.fps)
             picks = np.unique(np.linspace(0, len(panel) - 1, min(STRIP_FRAMES, len(panel))).round().astype(int))
             self.writer.image(f"val/clip_{index:02d}", np.concatenate(list(panel[picks]), axis=0), done)
+        labels = (self.instructions or [""] * count)[:count]
+        contact_sheet(folder / CONTACT_SHEET, [videos[i::count] for i in range(count)], labels)
         from insvie_jax.eval import SAMPLES_EVAL, eval_clips
 
         scores = eval_clips(videos[:count], videos[count:2 * count], videos[2 * count:])
         (folder / SAMPLES_EVAL).write_text(json.dumps({"step": done, **scores}, indent=2) + "\n")
         return scores
+
+
+def contact_sheet(path: Path, clips: list, labels: list[str], frames: int = SHEET_FRAMES) -> Path:
+    """A PNG: per clip, its instruction, then a source, an edit and a target row of `frames` evenly spaced
+    frames (each clip a list of three uint8 (F, H, W, 3) videos), enlarged 2x so that small clips read."""
+    from PIL import Image, ImageDraw
+
+    bands = []
+    for (source, edit, target), label in zip(clips, labels):
+        picks = np.unique(np.linspace(0, len(source) - 1, min(frames, len(source))).round().astype(int))
+        rows = [np.concatenate(list(video[picks]), axis=1) for video in (source, edit, target)]
+        grid = np.repeat(np.repeat(np.concatenate(rows, axis=0), 2, axis=0), 2, axis=1)
+        title = Image.new("RGB", (grid.shape[1], 14), (255, 255, 255))
+        ImageDraw.Draw(title).text((2, 1), f"{label}   (rows: source / edit / target)", fill=(0, 0, 0))
+        bands += [np.asarray(title), grid, np.full((6, grid.shape[1], 3), 255, np.uint8)]
+    Image.fromarray(np.concatenate(bands, axis=0)).save(path)
+    return path
