@@ -432,7 +432,11 @@ def _apply_override(data: dict, keys: list[str], value: Any) -> None:
 
 
 def resolve_path(name: str | Path) -> Path:
-    """A config path, or the name of a shipped preset (`tiny`, `cogvideox-2b-edit`)."""
+    """A config path (or object-storage URL), or the name of a shipped preset (`tiny`, `cogvideox-2b-edit`)."""
+    if "://" in str(name):  # e.g. a sweep's run folder on gs://
+        from insvie_jax import storage
+
+        return storage.path(name)
     path = Path(name)
     if path.exists():
         return path
@@ -460,7 +464,9 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
 
 
 def save(config: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    from insvie_jax import storage  # a run folder may be an object-storage URL
+
+    storage.path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 def latent_shape(config: Config) -> tuple[int, int, int, int]:

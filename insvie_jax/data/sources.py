@@ -20,10 +20,10 @@ import dataclasses
 import hashlib
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 
+from insvie_jax import storage
 from insvie_jax.data.video import VideoError, is_image, probe, read_frames
 
 PAIR_COLUMNS = ("source", "target", "instruction")
@@ -75,16 +75,16 @@ class SampleError(Exception):
 # Lists
 
 
-def _resolve(folder: Path, path: str) -> str:
-    p = Path(path)
-    return str(p if p.is_absolute() else folder / p)
+def _resolve(folder, path: str) -> str:
+    """`path` as written in a list, relative to the list's `folder` unless absolute (a URL is absolute)."""
+    return path if storage.is_url(path) or path.startswith("/") else str(folder / path)
 
 
-def _read_csv(path: Path, video_roots: list[str], report: BadSamples) -> list[Triplet]:
+def _read_csv(path, video_roots: list[str], report: BadSamples) -> list[Triplet]:
     folder = path.parent
     out: list[Triplet] = []
     # surrogateescape keeps undecodable bytes visible, so a broken row is reported rather than silently altered.
-    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+    with storage.csv_text(path, errors="surrogateescape") as f:
         reader = csv.reader(f)
         try:
             header = next(reader)
@@ -124,18 +124,18 @@ def _read_csv(path: Path, video_roots: list[str], report: BadSamples) -> list[Tr
                     report.add(sample, f"unreadable CSV row ({len(row)} fields, want >= 3 with a video name)")
                     continue
                 name, instruction = row[0].strip(), row[2].strip()
-                source = _resolve(folder, str(Path(video_roots[0]) / name))
-                target = _resolve(folder, str(Path(video_roots[1]) / name))
+                source = _resolve(folder, str(storage.path(video_roots[0]) / name))
+                target = _resolve(folder, str(storage.path(video_roots[1]) / name))
             if not instruction:
                 report.add(sample, "empty instruction")
                 continue
-            out.append(Triplet(f"{sample}:{Path(source).name}", source, target, instruction))
+            out.append(Triplet(f"{sample}:{storage.name(source)}", source, target, instruction))
     return out
 
 
-def _read_jsonl(path: Path, report: BadSamples) -> list[Triplet]:
+def _read_jsonl(path, report: BadSamples) -> list[Triplet]:
     out = []
-    for line_number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+    for line_number, line in enumerate(path.read_bytes().decode("utf-8", errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         sample = f"{path.name}:{line_number}"
@@ -149,13 +149,13 @@ def _read_jsonl(path: Path, report: BadSamples) -> list[Triplet]:
             report.add(sample, "empty instruction")
             continue
         source, target = _resolve(path.parent, source), _resolve(path.parent, target)
-        out.append(Triplet(f"{sample}:{Path(source).name}", source, target, instruction))
+        out.append(Triplet(f"{sample}:{storage.name(source)}", source, target, instruction))
     return out
 
 
-def read_list(path: str | Path, video_roots: list[str], report: BadSamples) -> list[Triplet]:
+def read_list(path, video_roots: list[str], report: BadSamples) -> list[Triplet]:
     """The triplets of one list file (CSV or JSONL, see the module doc); unreadable rows go to `report`."""
-    path = Path(path)
+    path = storage.path(path)
     if not path.is_file():
         raise FileNotFoundError(f"triplet list {path} not found (data.paths / the list argument)")
     if path.suffix.lower() in (".jsonl", ".json"):

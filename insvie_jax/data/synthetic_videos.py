@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
-from pathlib import Path
 
 import numpy as np
+
+from insvie_jax import storage
 
 from insvie_jax.data.video import write_video
 
@@ -110,11 +112,11 @@ def triplet(seed: int, index: int, num_frames: int, height: int, width: int,
             render(scene, num_frames, height, width, instruction), instruction)
 
 
-def write_triplets(folder: str | Path, count: int, num_frames: int, height: int, width: int, fps: float,
-                   seed: int = 0, instructions: list[str] | None = None) -> Path:
+def write_triplets(folder, count: int, num_frames: int, height: int, width: int, fps: float,
+                   seed: int = 0, instructions: list[str] | None = None):
     """Writes `count` triplets as folder/{source,edit}/NNNNN.mp4 and folder/triplets.csv (InsViE layout);
     returns the CSV's path. The CSV is written last, so its presence means the folder is complete."""
-    folder = Path(folder)
+    folder = storage.path(folder)
     unknown = sorted(set(instructions or []) - set(INSTRUCTIONS))
     if unknown:
         raise ValueError(f"unknown synthetic instructions {unknown}: choose from {sorted(INSTRUCTIONS)}")
@@ -128,18 +130,18 @@ def write_triplets(folder: str | Path, count: int, num_frames: int, height: int,
         write_video(folder / "edit" / name, edit, fps)
         rows.append([name, "moving shapes", instruction, "moving shapes, edited", "edit"])
     path = folder / "triplets.csv"
-    tmp = path.with_name(path.name + ".tmp")
-    write_insvie_csv(tmp, rows)
-    tmp.replace(path)
+    write_insvie_csv(path, rows)
     return path
 
 
-def write_insvie_csv(path: str | Path, rows: list[list[str]]) -> None:
-    """An InsViE triplet list: a header, then (video, caption, instruction, edited_caption, edit_folder) rows."""
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["video", "caption", "instruction", "edited_caption", "edit_folder"])
-        writer.writerows(rows)
+def write_insvie_csv(path, rows: list[list[str]]) -> None:
+    """An InsViE triplet list: a header, then (video, caption, instruction, edited_caption, edit_folder) rows;
+    written at once (one write of the whole text)."""
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["video", "caption", "instruction", "edited_caption", "edit_folder"])
+    writer.writerows(rows)
+    storage.write_text_whole(path, text.getvalue())
 
 
 def prepare(cfg, main: bool = True):
@@ -153,11 +155,11 @@ def prepare(cfg, main: bool = True):
     d = cfg.data
     if not d.generate:
         return cfg
-    paths = list(d.paths) or [str(Path(cfg.train.run_dir) / "data")]
+    paths = list(d.paths) or [str(storage.path(cfg.train.run_dir) / "data")]
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(d, paths=paths))
     if not main:
         return cfg
-    for number, folder in enumerate(map(Path, paths)):
+    for number, folder in enumerate(map(storage.path, paths)):
         if (folder / records.MANIFEST).exists():
             continue
         videos = folder / "videos"

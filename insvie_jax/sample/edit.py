@@ -19,9 +19,11 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from insvie_jax import config as configlib
+from insvie_jax import storage
 from insvie_jax.config import Config
 from insvie_jax.models import t5 as t5_model
 from insvie_jax.models import transformer as tr
@@ -66,7 +68,7 @@ class Models:
 
 @dataclasses.dataclass
 class EditResult:
-    out_dir: Path
+    out_dir: epath.Path  # a local folder or an object-storage URL (storage.path)
     frames: np.ndarray  # the edit, uint8 (F, H, W, 3)
     source: np.ndarray  # the source as the model saw it, uint8 (F, H, W, 3)
     meta: dict
@@ -163,7 +165,7 @@ def encode_instruction(models: Models, instruction: str) -> tuple[jax.Array, boo
 
 def output_name(video: str | Path, instruction: str) -> str:
     """InsViE's folder name: `<video stem>-<instruction, spaces as '_', '/' removed, first 120 characters>`."""
-    return f"{Path(video).stem}-{instruction.replace(' ', '_').replace('/', '')[:NAME_CHARS]}"
+    return f"{storage.path(video).stem}-{instruction.replace(' ', '_').replace('/', '')[:NAME_CHARS]}"
 
 
 class Editor:
@@ -210,7 +212,7 @@ class Editor:
             "size": [cfg.data.height, cfg.data.width], "fps": cfg.sample.fps,
             "source_fps": float(clip.fps) if clip.fps else None, "checkpoint": models.checkpoint,
         }
-        result = EditResult(Path(out) / output_name(video, instruction), videolib.to_uint8(decoded),
+        result = EditResult(storage.path(out) / output_name(video, instruction), videolib.to_uint8(decoded),
                             videolib.to_uint8(source), meta)
         write(result, cfg.sample.fps)
         return result

@@ -8,17 +8,19 @@ pipelines a `data` folder with each process's iterator state (grain's orbax hand
 A save that fails (disk full, unwritable folder) does not stop the run: orbax writes into a temporary
 folder and renames it only when complete, so earlier checkpoints stay readable; the failure is reported
 on stderr and in metrics.jsonl by the loop, and the next save is tried as scheduled.
+
+RUN may be a gs:// URL: orbax writes there collectively from every process (tensorstore's GCS driver); the
+checkpoint folder is an epath.Path either way (storage.absolute).
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 import grain.checkpoint
 import jax
 import orbax.checkpoint as ocp
 
+from insvie_jax import storage
 from insvie_jax.config import Config
 
 
@@ -37,7 +39,7 @@ def _abstract(tree, shardings):
 
 
 class Checkpointer:
-    def __init__(self, run_dir: Path, cfg: Config):
+    def __init__(self, run_dir, cfg: Config):
         c = cfg.checkpoint
         self.save_frozen = not cfg.train.init_from
         options = ocp.CheckpointManagerOptions(
@@ -46,7 +48,7 @@ class Checkpointer:
             enable_async_checkpointing=c.async_save,
             create=True,
         )
-        self.directory = Path(run_dir).absolute() / "checkpoints"
+        self.directory = storage.absolute(run_dir) / "checkpoints"
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
@@ -90,8 +92,8 @@ class Checkpointer:
         self.manager.close()
 
 
-def export_model(run_dir: str | Path, dst: str | Path, use_ema: bool = False, step: int | None = None,
-                 format: str = "native", dtype: str = "fp32") -> Path:
+def export_model(run_dir, dst, use_ema: bool = False, step: int | None = None, format: str = "native",
+                 dtype: str = "fp32"):
     """Writes a run's checkpoint (latest, or `step`) as a plain transformer checkpoint that
     `load_transformer` reads: the trained (or EMA) weights, LoRA adapters merged in. Runs on one device."""
     import dataclasses
@@ -104,7 +106,10 @@ def export_model(run_dir: str | Path, dst: str | Path, use_ema: bool = False, st
     from insvie_jax.parallel.mesh import create_mesh
     from insvie_jax.train import step as steplib
 
-    checkpoints = Checkpointer(run_dir, configlib.load(Path(run_dir) / "config.yaml"))
+    import yaml
+
+    saved = yaml.safe_load((storage.path(run_dir) / "config.yaml").read_text())
+    checkpoints = Checkpointer(run_dir, configlib.from_dict(saved))
     step = checkpoints.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {checkpoints.directory}")

@@ -13,7 +13,6 @@ Every process samples (the model may be sharded across them); only the main proc
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -53,7 +52,7 @@ def _decode(vae, latents):
 
 
 class Validator:
-    def __init__(self, cfg: configlib.Config, mesh, graphdef, clips: dict[str, np.ndarray], run_dir: Path,
+    def __init__(self, cfg: configlib.Config, mesh, graphdef, clips: dict[str, np.ndarray], run_dir,
                  writer, main: bool):
         self.cfg, self.graphdef, self.run_dir, self.writer, self.main = cfg, graphdef, run_dir, writer, main
         replicated = NamedSharding(mesh, PartitionSpec())
