@@ -24,11 +24,13 @@ from typing import Iterator
 
 from etils import epath
 
+from insvie_jax.config import ConfigError
+
 # The URL schemes epath maps to a filesystem, and the fsspec protocol each needs (when TensorFlow is absent).
 URL_PROTOCOLS = {"gs": ("gcs", "gcsfs"), "s3": ("s3", "s3fs"), "az": ("az", "adlfs")}
 
 
-class StorageError(ValueError):
+class StorageError(ConfigError):
     """A path that cannot be used (unknown URL scheme, missing filesystem package); the message says the fix."""
 
 

@@ -3,9 +3,10 @@ offline by tests/_fake_gcs.py, through the same libraries a pod uses: etils.epat
 config.yaml, metrics.jsonl, TensorBoard, samples and manifests; orbax with tensorstore's GCS driver for
 checkpoints (and grain's iterator state); array_record's own GCS reader for the shards.
 
-- One process: ArrayRecord shards written to gs://, a run of 4 steps with a validation edit, then the same
-  run resumed to 6 steps from its gs:// checkpoint; every file lands in the bucket, none on local disk.
-- Two processes (launch/local.sh): checkpoints are written collectively, metrics.jsonl by process 0 alone.
+- Two processes (launch/local.sh, the pod case) train 2 steps on ArrayRecord shards in gs://, then resume to 4
+  from the gs:// checkpoint: checkpoints collective, config.yaml and metrics.jsonl from process 0 alone.
+- Sample videos, data videos and the pipeline's bad-record report written to and read from gs://.
+- Object storage's limits (no append) and unknown URL schemes.
 """
 
 import json
@@ -25,7 +26,6 @@ from insvie_jax.data import records
 from insvie_jax.data import video as data_video
 from insvie_jax.data.pipeline import BadRecordLog, read_bad_records
 from insvie_jax.sample import video as sample_video
-from insvie_jax.train import loop
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIP = ["data.num_frames=5", "data.height=32", "data.width=48"]
@@ -56,35 +56,6 @@ def _steps(server, run: str) -> list[int]:
     return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and (p / "commit_success.txt").exists())
 
 
-def test_a_run_and_its_data_on_gs_write_there_and_resume(gcs, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # nothing may land on local disk, e.g. in a folder named "gs:"
-    data, run = f"gs://{BUCKET}/data", f"gs://{BUCKET}/runs/single"
-    cfg = configlib.load("tiny", CLIP)
-    latent = configlib.latent_shape(cfg)
-    records.write_synthetic(data, {latent[:3]: 8}, (cfg.model.text_length, cfg.model.text_embed_dim),
-                            latent_channels=latent[3], shard_size=4)
-    assert sorted(os.listdir(gcs.local(data))) == ["manifest.json", *(f"part-0000{i}-2x4x6.array_record"
-                                                                      for i in range(2))]
-    overrides = [*CLIP, f"train.run_dir={run}", "data.source=arrayrecord", f"data.paths=[{data}]",
-                 "data.batch_size=2", "train.log_every=1", "checkpoint.every=2", "checkpoint.keep=5",
-                 "train.sample_every=0"]
-
-    first = loop.run(configlib.load("tiny", [*overrides, "train.steps=4"]))
-    assert first["steps"] == 4 and first["run_dir"] == run
-    assert _steps(gcs, run) == [2, 4]
-    assert os.path.isdir(gcs.local(f"{run}/checkpoints/4/data"))  # grain's iterator state, per process
-
-    second = loop.run(configlib.load("tiny", [*overrides, "train.steps=6"]))
-    assert second["start_step"] == 4 and second["steps"] == 2
-    assert _steps(gcs, run) == [2, 4, 6]
-    losses = [r["step"] for r in _records(gcs, run) if "loss" in r]
-    assert losses == list(range(6))  # the resumed run continued the uploaded metrics.jsonl
-    saved = yaml.safe_load(Path(gcs.local(f"{run}/config.yaml")).read_text())
-    assert saved["train"]["steps"] == 6 and saved["train"]["run_dir"] == run
-    assert len(os.listdir(gcs.local(f"{run}/tensorboard"))) == 2  # one event file per run
-    assert os.listdir(tmp_path) == []
-
-
 def test_samples_videos_and_bad_records_on_gs(gcs):
     """What validation (samples/<step>/<clip>.mp4), the edit command and the data pipeline write there."""
     frames = np.random.default_rng(0).integers(0, 256, (5, 32, 48, 3), np.uint8)
@@ -92,6 +63,7 @@ def test_samples_videos_and_bad_records_on_gs(gcs):
     sample_video.write_mp4(sample, frames, 8)
     data_video.write_video(f"gs://{BUCKET}/clips/a.mp4", frames)
     assert data_video.probe(f"gs://{BUCKET}/clips/a.mp4").num_frames == 5  # read back through storage
+    assert sample_video.read_clip(sample, 32, 48, max_frames=9).frames.shape == (5, 32, 48, 3)  # `edit --video`
     for url in (sample, f"gs://{BUCKET}/clips/a.mp4"):
         with av.open(gcs.local(url)) as video:
             decoded = [f.to_ndarray(format="rgb24") for f in video.decode(video=0)]
@@ -112,21 +84,49 @@ def test_object_storage_refuses_append_and_names_unknown_schemes(gcs):
         storage.path("ftp://host/run")
 
 
-def test_two_processes_write_checkpoints_together_and_metrics_from_process_0(gcs, tmp_path):
+def _launch(env, cwd, run: str, data: str, steps: int) -> str:
+    out = subprocess.run(["bash", str(ROOT / "launch" / "local.sh"), "2", "tiny", f"train.run_dir={run}",
+                          "mesh.ici_data=2", "mesh.dcn_data=2", *CLIP, "data.source=arrayrecord",
+                          f"data.paths=[{data}]", "data.batch_size=4", f"train.steps={steps}", "train.log_every=1",
+                          "checkpoint.every=2", "checkpoint.keep=5", "train.sample_every=0"],
+                         env=env, capture_output=True, text=True, timeout=300, cwd=cwd, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count('"steps": 2') == 2, out.stdout  # both processes trained 2 steps
+    return out.stderr
+
+
+def test_a_two_process_run_and_its_data_on_gs_write_there_and_resume(gcs, env, tmp_path):
+    """The pod case: each process reads its share of gs:// shards; checkpoints (with each process's grain
+    iterator state) are written collectively, config.yaml and metrics.jsonl by process 0 alone; a rerun
+    resumes from the gs:// checkpoint and continues the uploaded metrics.jsonl. Nothing lands on local disk."""
+    data, run = f"gs://{BUCKET}/data", f"gs://{BUCKET}/runs/pod"
+    cfg = configlib.load("tiny", CLIP)
+    latent = configlib.latent_shape(cfg)
+    records.write_synthetic(data, {latent[:3]: 16}, (cfg.model.text_length, cfg.model.text_embed_dim),
+                            latent_channels=latent[3], shard_size=8)
+    assert sorted(os.listdir(gcs.local(data))) == ["manifest.json", *(f"part-0000{i}-2x4x6.array_record"
+                                                                      for i in range(2))]
     site = tmp_path / "site"  # makes each `python` of launch/local.sh install the fake GCS before running
     site.mkdir()
     (site / "sitecustomize.py").write_text("import _fake_gcs\n_fake_gcs.install_from_env()\n")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+    env = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2",
                PYTHONPATH=os.pathsep.join([str(site), str(ROOT / "tests"), str(ROOT)]))
-    run = f"gs://{BUCKET}/runs/multi"
-    out = subprocess.run(["bash", str(ROOT / "launch" / "local.sh"), "2", "tiny", f"train.run_dir={run}",
-                          "mesh.ici_data=2", "mesh.dcn_data=2", "data.batch_size=4", *CLIP, "train.steps=2",
-                          "train.log_every=1", "checkpoint.every=2", "train.sample_every=0"],
-                         env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.count('"steps": 2') == 2  # both processes trained
+    work = tmp_path / "cwd"
+    work.mkdir()
+
+    _launch(env, work, run, data, steps=2)
     assert [r["step"] for r in _records(gcs, run)] == [0, 1]  # one writer: one record per step
     assert _steps(gcs, run) == [2]
     state = Path(gcs.local(f"{run}/checkpoints/2/state"))
-    assert (state / "manifest.ocdbt").exists()  # the processes' parts, merged
-    assert sorted(os.listdir(tmp_path)) == ["site"]
+    assert (state / "manifest.ocdbt").exists()  # the processes' parts, merged by orbax
+    iterators = set(os.listdir(gcs.local(f"{run}/checkpoints/2/data")))
+    assert {"process_0-of-2.json", "process_1-of-2.json"} <= iterators  # each process's grain iterator state
+
+    stderr = _launch(env, work, run, data, steps=4)
+    assert "resuming gs://insvie-test/runs/pod from checkpoint 2" in stderr
+    assert _steps(gcs, run) == [2, 4]
+    assert [r["step"] for r in _records(gcs, run)] == [0, 1, 2, 3]
+    saved = yaml.safe_load(Path(gcs.local(f"{run}/config.yaml")).read_text())
+    assert saved["train"]["steps"] == 4 and saved["train"]["run_dir"] == run
+    assert len(os.listdir(gcs.local(f"{run}/tensorboard"))) == 2  # one event file per run
+    assert os.listdir(work) == []
