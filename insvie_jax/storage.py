@@ -71,6 +71,15 @@ def absolute(p: str | os.PathLike) -> epath.Path:
     return path(p) if is_url(p) else epath.Path(os.path.abspath(os.fspath(p)))
 
 
+def makedirs(p: str | os.PathLike) -> epath.Path:
+    """Creates local folder `p` (and its parents); object storage has no folders, so a URL is left as it is (no
+    bucket-level call that an object-only permission would refuse). Returns path(p)."""
+    folder = path(p)
+    if not is_url(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def name(p: str | os.PathLike) -> str:
     """The last component of a path or URL."""
     return path(p).name

@@ -198,7 +198,7 @@ def prepare(sweep: Sweep) -> None:
     for run in sweep.runs:
         _check_unchanged(run)
     for run in sweep.runs:
-        run.folder.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(run.folder)
         (run.folder / "run.json").write_text(json.dumps({"name": run.name, "index": run.index,
                                                           "overrides": run.overrides}, indent=2) + "\n")
         configlib.save(run.config, run.config_path)
@@ -279,8 +279,8 @@ def emit(sweep: Sweep, kind: str, processes: int = 1):
              *(launch_command(kind, run, sweep.name, processes) for run in todo)]
     path = sweep.folder / f"commands-{kind}.sh"
     path.write_text("\n".join(lines) + "\n")
-    if not storage.is_url(path):
-        path.chmod(0o755)
+    if not storage.is_url(path):  # an executable script where the launchers run it
+        os.chmod(path, 0o755)
     return path
 
 

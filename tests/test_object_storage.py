@@ -22,6 +22,7 @@ from _fake_gcs import BUCKET, FakeGCS, install
 
 from insvie_jax import config as configlib
 from insvie_jax import storage
+from insvie_jax import sweep as sweeplib
 from insvie_jax.data import records
 from insvie_jax.data import video as data_video
 from insvie_jax.data.pipeline import BadRecordLog, read_bad_records
@@ -73,6 +74,22 @@ def test_samples_videos_and_bad_records_on_gs(gcs):
     for sample_name in ("a", "b", "a"):  # a restored iterator may meet a record twice
         assert not log({"__bad__": sample_name, "reason": "non-finite values in 'text'"})
     assert sorted(e["sample"] for e in read_bad_records(report).entries) == ["a", "b"]
+
+
+def test_a_sweep_folder_on_gs(gcs):
+    """`insvie-jax sweep --dir gs://...`: run folders, launch lines and the report go to the bucket, and a run's
+    config.yaml there is what `insvie-jax train gs://.../config.yaml` loads."""
+    sweep = sweeplib.load(ROOT / "configs" / "sweeps" / "tiny-ablation.yaml", root=f"gs://{BUCKET}/sweeps")
+    assert str(sweep.folder) == f"gs://{BUCKET}/sweeps/tiny-ablation"
+    commands = sweeplib.emit(sweep, "local")
+    assert Path(gcs.local(str(commands))).read_text().count("launch/local.sh") == len(sweep.runs)
+    for number, run in enumerate(sweep.runs):
+        assert configlib.load(str(run.config_path)).train.run_dir == str(run.folder)
+        lines = (json.dumps({"step": i, "loss": number + 1 / (i + 1), "step_s": 0.1}) for i in range(3))
+        (run.folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    rows = sweeplib.report(sweep.folder)
+    assert [row["final_loss"] for row in rows] == pytest.approx([n + 11 / 18 for n in range(len(sweep.runs))])
+    assert {"results.md", "results.csv", "loss_curves.png"} <= set(os.listdir(gcs.local(str(sweep.folder))))
 
 
 def test_object_storage_refuses_append_and_names_unknown_schemes(gcs):

@@ -269,7 +269,7 @@ def encode_lists(cfg, list_paths, out_dir, *, show_progress: bool = True, device
     distributed.initialize()
     call, process, num_processes = next(_CALLS), jax.process_index(), jax.process_count()
     out = storage.path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(out)
     digest = config_hash(cfg)
     stamp = out / "encode_config.json"
     if stamp.exists() and json.loads(stamp.read_text())["config_hash"] != digest:

@@ -106,7 +106,7 @@ def write_synthetic(folder, counts: dict, text_shape, latent_channels: int = 16,
     Record i of a bucket is named "<prefix><f>x<h>x<w>/<i>"; source means are standard normal, target means their
     negation, stds uniform in [0.05, 0.15). Returns the manifest (also written)."""
     folder = storage.path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(folder)
     rng = np.random.default_rng(seed)
     bf16 = ml_dtypes.bfloat16
     buckets = {}

@@ -121,7 +121,7 @@ def write_triplets(folder, count: int, num_frames: int, height: int, width: int,
     if unknown:
         raise ValueError(f"unknown synthetic instructions {unknown}: choose from {sorted(INSTRUCTIONS)}")
     for sub in ("source", "edit"):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
+        storage.makedirs(folder / sub)
     rows = []
     for index in range(count):
         source, edit, instruction = triplet(seed, index, num_frames, height, width, instructions)

@@ -219,7 +219,7 @@ class Editor:
 
 
 def write(result: EditResult, fps: int) -> None:
-    result.out_dir.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(result.out_dir)
     videolib.write_mp4(result.out_dir / "edit.mp4", result.frames, fps)
     videolib.write_mp4(result.out_dir / "side_by_side.mp4", videolib.side_by_side(result.source, result.frames), fps)
     videolib.contact_sheet(result.out_dir / "contact_sheet.png", result.source, result.frames)

@@ -254,7 +254,7 @@ def run(cfg: configlib.Config) -> dict:
     stages = configlib.resolve_stages(cfg)
     run_dir = storage.path(cfg.train.run_dir)  # a local folder or an object-storage URL (gs://...)
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(run_dir)
         configlib.save(cfg, run_dir / "config.yaml")
     mesh = meshlib.create_mesh(cfg.mesh)
     groups = meshlib.data_parallel_size(mesh)

@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from insvie_jax import config as configlib
+from insvie_jax import storage
 from insvie_jax.sample import loop as sampling
 from insvie_jax.sample import video as videolib
 
@@ -91,7 +92,7 @@ class Validator:
         latents = np.concatenate([source, edited, target]) / np.float32(self.cfg.vae.scaling_factor)
         videos = videolib.to_uint8(np.asarray(_decode(self.vae, latents)))
         folder = self.run_dir / "samples" / str(done)
-        folder.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(folder)
         count = len(edited)
         for index in range(count):
             panel = np.concatenate(videos[index::count], axis=2)  # source | edit | target
