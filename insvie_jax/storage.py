@@ -2,10 +2,10 @@
 
 A pod's hosts share no disk, so a run folder (train.run_dir: config.yaml, metrics.jsonl, tensorboard/,
 samples/, checkpoints/) and data (ArrayRecord folders, triplet lists, videos) may be URLs such as
-gs://bucket/runs/x. `path()` turns either kind into an epath.Path: local paths go to the OS; gs:// and s3://
-to fsspec (gcsfs, s3fs; tf.io.gfile instead where TensorFlow is installed). Checkpoints go through orbax,
-which takes the same URLs (tensorstore's own GCS driver) or absolute local paths (`absolute()`); ArrayRecord
-shards are read by array_record's own GCS reader.
+gs://bucket/runs/x. `path()` turns either kind into an epath.Path: local paths go to the OS; gs:// (and s3://,
+az://) to fsspec (gcsfs; tf.io.gfile instead where TensorFlow is installed). Checkpoints go through orbax,
+which takes gs:// URLs (tensorstore's own GCS driver) or absolute local paths (`absolute()`), not s3://;
+ArrayRecord shards are read by array_record's own GCS reader.
 
 Object storage has no append and no rename: files that grow during a run (metrics.jsonl, TensorBoard events)
 are written in a local folder and uploaded whole now and then and at close (`Mirror`); files that a library
@@ -52,8 +52,8 @@ def _check_url(text: str) -> None:
         try:
             import tensorflow  # noqa: F401 - epath reads URLs through tf.io.gfile when it is installed
         except ImportError:
-            raise StorageError(f"{text}: {scheme}:// paths need the {package} package (pip install {package}, "
-                               f"or pip install 'insvie-jax[gcs]' for gs://)") from None
+            install = "'insvie-jax[gcs]'" if scheme == "gs" else package
+            raise StorageError(f"{text}: {scheme}:// paths need the {package} package: pip install {install}") from None
 
 
 def path(p: str | os.PathLike) -> epath.Path:

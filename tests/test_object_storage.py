@@ -15,9 +15,12 @@ import subprocess
 from pathlib import Path
 
 import av
+import jax
 import numpy as np
 import pytest
 import yaml
+from flax import nnx
+from _data_clips import write_insvie_csv, write_pair
 from _fake_gcs import BUCKET, FakeGCS, install
 
 from insvie_jax import config as configlib
@@ -25,8 +28,11 @@ from insvie_jax import storage
 from insvie_jax import sweep as sweeplib
 from insvie_jax.data import records
 from insvie_jax.data import video as data_video
+from insvie_jax.data.encode import encode_lists
 from insvie_jax.data.pipeline import BadRecordLog, read_bad_records
+from insvie_jax.convert.api import load_transformer
 from insvie_jax.sample import video as sample_video
+from insvie_jax.train.checkpoint import export_model
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIP = ["data.num_frames=5", "data.height=32", "data.width=48"]
@@ -74,6 +80,25 @@ def test_samples_videos_and_bad_records_on_gs(gcs):
     for sample_name in ("a", "b", "a"):  # a restored iterator may meet a record twice
         assert not log({"__bad__": sample_name, "reason": "non-finite values in 'text'"})
     assert sorted(e["sample"] for e in read_bad_records(report).entries) == ["a", "b"]
+
+
+def test_encode_reads_lists_and_videos_from_gs_and_writes_shards_there(gcs):
+    """`insvie-jax encode --list gs://.../train.csv --out gs://.../enc`: the CSV and videos are read from the
+    bucket, the shards uploaded whole, and read back by array_record's GCS reader."""
+    clips = f"gs://{BUCKET}/clips-encode"
+    names = ["v0.mp4", "v1.mp4"]
+    for i, name in enumerate(names):  # as `gsutil cp` would put them there
+        write_pair(Path(gcs.local(clips)), name, num_frames=5, height=32, width=48, seed=i)
+    write_insvie_csv(Path(gcs.local(clips)) / "train.csv", [*names, "missing.mp4"])
+    out = f"gs://{BUCKET}/enc"
+    cfg = configlib.load("tiny", CLIP)
+    manifest = encode_lists(cfg, [f"{clips}/train.csv"], out, show_progress=False)
+    assert manifest["count"] == 2 and manifest["bad"]["by_reason"] == {"missing file": 1}
+    assert sorted(os.listdir(gcs.local(out))) == ["encode_config.json", "manifest.json",
+                                                  "part-00000-2x4x6.array_record", "part-00000.done.json"]
+    stored = [records.unpack(raw) for raw in records.read_all(f"{out}/part-00000-2x4x6.array_record")]
+    assert [r["name"] for r in stored] == ["train.csv:2:v0.mp4", "train.csv:3:v1.mp4"]
+    assert all(records.check_record(r) is None for r in stored)
 
 
 def test_a_sweep_folder_on_gs(gcs):
@@ -147,3 +172,9 @@ def test_a_two_process_run_and_its_data_on_gs_write_there_and_resume(gcs, env, t
     assert saved["train"]["steps"] == 4 and saved["train"]["run_dir"] == run
     assert len(os.listdir(gcs.local(f"{run}/tensorboard"))) == 2  # one event file per run
     assert os.listdir(work) == []
+
+    # `insvie-jax export` of the gs:// run, here (one process): checkpoints 2 and 4 hold different weights.
+    models = {step: load_transformer(export_model(run, tmp_path / f"out{step}", step=step))[0] for step in (2, 4)}
+    weights = {step: jax.tree.leaves(nnx.state(model)) for step, model in models.items()}
+    assert len(weights[2]) == len(weights[4]) > 0
+    assert any(not np.array_equal(a, b) for a, b in zip(weights[2], weights[4]))

@@ -9,16 +9,19 @@ A save that fails (disk full, unwritable folder) does not stop the run: orbax wr
 folder and renames it only when complete, so earlier checkpoints stay readable; the failure is reported
 on stderr and in metrics.jsonl by the loop, and the next save is tried as scheduled.
 
-RUN may be a gs:// URL: orbax writes there collectively from every process (tensorstore's GCS driver); the
-checkpoint folder is an epath.Path either way (storage.absolute).
+RUN may be a gs:// URL: orbax writes there collectively from every process (tensorstore's GCS driver) and
+marks a complete checkpoint with commit_success.txt instead of a rename; the checkpoint folder is an
+epath.Path either way (storage.absolute).
 """
 
 from __future__ import annotations
 
 import json
+
 import grain.checkpoint
 import jax
 import orbax.checkpoint as ocp
+import yaml
 
 from insvie_jax import storage
 from insvie_jax.config import Config
@@ -48,6 +51,9 @@ class Checkpointer:
             enable_async_checkpointing=c.async_save,
             create=True,
         )
+        if storage.is_url(run_dir) and not str(run_dir).startswith("gs://"):
+            raise storage.StorageError(f"train.run_dir={run_dir}: orbax writes checkpoints to gs:// or local "
+                                       "folders only; use a gs:// bucket or a shared filesystem")
         self.directory = storage.absolute(run_dir) / "checkpoints"
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -105,8 +111,6 @@ def export_model(run_dir, dst, use_ema: bool = False, step: int | None = None, f
     from insvie_jax.models.lora import merge_lora
     from insvie_jax.parallel.mesh import create_mesh
     from insvie_jax.train import step as steplib
-
-    import yaml
 
     saved = yaml.safe_load((storage.path(run_dir) / "config.yaml").read_text())
     checkpoints = Checkpointer(run_dir, configlib.from_dict(saved))
