@@ -119,7 +119,8 @@ def export_model(run_dir, dst, use_ema: bool = False, step: int | None = None, f
         raise FileNotFoundError(f"no checkpoint in {checkpoints.directory}")
     # The checkpoint's own config: in a curriculum, what trains (LoRA or not) is the stage's.
     cfg = configlib.from_dict(checkpoints.meta(step)["config"])
-    cfg.mesh = dataclasses.replace(cfg.mesh, ici_data=1, ici_fsdp=1, ici_tensor=1, ici_context=1)
+    cfg.mesh = dataclasses.replace(cfg.mesh, ici_data=1, ici_fsdp=1, ici_tensor=1, ici_context=1,  # one device,
+                                   dcn_data=1, dcn_fsdp=1, dcn_tensor=1, dcn_context=1)  # also for a multi-host run
     if use_ema and cfg.train.ema_decay <= 0:
         raise ValueError(f"{run_dir} was trained without EMA (train.ema_decay=0): export without use_ema")
     optimizer = steplib.make_optimizer(cfg)
