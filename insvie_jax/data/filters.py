@@ -27,7 +27,9 @@ import csv
 import dataclasses
 import hashlib
 import importlib
+import io
 import json
+import os
 import time
 import urllib.error
 import urllib.request
@@ -37,6 +39,7 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from insvie_jax import storage
 from insvie_jax.data.sources import BadSamples, Triplet, load_clip, try_load_clip
 from insvie_jax.data.video import VideoError, encode_png, probe
 
@@ -289,20 +292,24 @@ def _judge_rows(cfg, judge: Judge, judged: list) -> None:
             row.update(keep=int(not reasons), reasons="; ".join(reasons))
 
 
-def write_report(rows: list[dict], path: str | Path) -> None:
+def write_report(rows: list[dict], path) -> None:
     columns = ["sample", "keep", "reasons", *SCORE_COLUMNS, "source", "target", "instruction"]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, columns, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, columns, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    storage.path(path).write_text(text.getvalue())
 
 
-def write_kept(rows: list[dict], path: str | Path) -> int:
-    """The kept triplets as a JSONL pair list (absolute paths), readable by `encode` and the pipeline."""
+def write_kept(rows: list[dict], path) -> int:
+    """The kept triplets as a JSONL pair list (absolute paths or URLs), readable by `encode` and the pipeline."""
     kept = [r for r in rows if r.get("keep")]
-    with open(path, "w") as f:
-        for r in kept:
-            f.write(json.dumps({"source": str(Path(r["source"]).resolve()), "target": str(Path(r["target"]).resolve()),
-                                "instruction": r["instruction"]}) + "\n")
+
+    def absolute(p: str) -> str:
+        return p if storage.is_url(p) else os.path.realpath(p)
+
+    storage.path(path).write_text("".join(
+        json.dumps({"source": absolute(r["source"]), "target": absolute(r["target"]), "instruction": r["instruction"]})
+        + "\n" for r in kept))
     return len(kept)
