@@ -433,10 +433,10 @@ def _apply_override(data: dict, keys: list[str], value: Any) -> None:
 
 def resolve_path(name: str | Path) -> Path:
     """A config path (or object-storage URL), or the name of a shipped preset (`tiny`, `cogvideox-2b-edit`)."""
-    if "://" in str(name):  # e.g. a sweep's run folder on gs://
-        from insvie_jax import storage
+    if "://" in str(name):  # e.g. a sweep's run folder on gs:// (insvie_jax/storage.py)
+        from etils import epath
 
-        return storage.path(name)
+        return epath.Path(name)
     path = Path(name)
     if path.exists():
         return path
@@ -464,9 +464,9 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
 
 
 def save(config: Config, path: str | Path) -> None:
-    from insvie_jax import storage  # a run folder may be an object-storage URL
+    from etils import epath  # a run folder may be an object-storage URL (insvie_jax/storage.py)
 
-    storage.path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    epath.Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 def latent_shape(config: Config) -> tuple[int, int, int, int]:
