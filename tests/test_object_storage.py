@@ -5,7 +5,8 @@ checkpoints (and grain's iterator state); array_record's own GCS reader for the 
 
 - Two processes (launch/local.sh, the pod case) train 2 steps on ArrayRecord shards in gs://, then resume to 4
   from the gs:// checkpoint: checkpoints collective, config.yaml and metrics.jsonl from process 0 alone.
-- Sample videos, data videos and the pipeline's bad-record report written to and read from gs://.
+- `encode` from a gs:// list of gs:// videos into gs:// shards; `export` of the gs:// run.
+- Sample videos, data videos, the pipeline's bad-record report, metrics uploads while a run goes, a sweep folder.
 - Object storage's limits (no append) and unknown URL schemes.
 """
 
@@ -33,6 +34,7 @@ from insvie_jax.data.pipeline import BadRecordLog, read_bad_records
 from insvie_jax.convert.api import load_transformer
 from insvie_jax.sample import video as sample_video
 from insvie_jax.train.checkpoint import export_model
+from insvie_jax.train.metrics import MetricsWriter
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIP = ["data.num_frames=5", "data.height=32", "data.width=48"]
@@ -115,6 +117,23 @@ def test_a_sweep_folder_on_gs(gcs):
     rows = sweeplib.report(sweep.folder)
     assert [row["final_loss"] for row in rows] == pytest.approx([n + 11 / 18 for n in range(len(sweep.runs))])
     assert {"results.md", "results.csv", "loss_curves.png"} <= set(os.listdir(gcs.local(str(sweep.folder))))
+
+
+def test_metrics_are_uploaded_while_the_run_goes(gcs):
+    """metrics.jsonl and the TensorBoard events reach the bucket every upload_every_s, not only at the end (what
+    a killed run keeps), and a new writer continues the uploaded file."""
+    run = f"gs://{BUCKET}/runs/metrics"
+    writer = MetricsWriter(run, upload_every_s=0)
+    writer.write({"step": 0, "loss": 1.5})
+    assert _records(gcs, run) == [{"step": 0, "loss": 1.5}]  # uploaded before close
+    assert os.path.getsize(gcs.local(f"{run}/tensorboard/{os.listdir(gcs.local(f'{run}/tensorboard'))[0]}")) > 0
+    writer.close()
+    slow = MetricsWriter(run, upload_every_s=3600)
+    slow.write({"step": 1, "loss": 1.25})
+    assert len(_records(gcs, run)) == 1  # not due yet
+    slow.error(2, "a checkpoint save failed")  # errors are uploaded at once
+    assert _records(gcs, run)[1:] == [{"step": 1, "loss": 1.25}, {"step": 2, "error": "a checkpoint save failed"}]
+    slow.close()
 
 
 def test_object_storage_refuses_append_and_names_unknown_schemes(gcs):
