@@ -69,13 +69,14 @@ def _csv_rows(csv_path: str, test_folder: str | None) -> list[tuple[str, str]]:
     """InsViE's batch file: a header row, then `name, ..., instruction` (column 2 when a row has 3+ columns, else
     column 1); videos live in --test-folder, relative to the CSV's folder unless absolute."""
     import csv
-    from pathlib import Path
 
-    csv_file = Path(csv_path)
+    from insvie_jax import storage
+
+    csv_file = storage.path(csv_path)
     if not csv_file.is_file():
         raise FileNotFoundError(f"CSV not found: {csv_file}: check --csv")
     folder = csv_file.parent / (test_folder or "")
-    with open(csv_file, newline="") as f:
+    with storage.csv_text(csv_file) as f:
         rows = [row for row in list(csv.reader(f))[1:] if row and any(cell.strip() for cell in row)]
     short = [i + 2 for i, row in enumerate(rows) if len(row) < 2]
     if short:

@@ -14,7 +14,8 @@ A sweep file (YAML):
 Layout of DIR/<name>/: one folder per run, named from its overrides (`patch_embed-fix_proj,frame_loss_weight-1.0`),
 holding run.json (its overrides), config.yaml (the resolved config; `train.run_dir` is the folder itself) and
 what `insvie-jax train` writes there; results.md, results.csv and loss_curves.png (`report`); commands-<kind>.sh
-(`emit`). A run is finished when its checkpoint at `train.steps` exists; finished runs are skipped.
+(`emit`). A run is finished when its checkpoint at `train.steps` exists; finished runs are skipped. DIR may be
+an object-storage URL (gs://): run folders and the report go there, train.log is uploaded after each run.
 """
 
 from __future__ import annotations
@@ -37,8 +38,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from etils import epath
 
 from insvie_jax import config as configlib
+from insvie_jax import storage
 
 SWEEP_KEYS = ("name", "base", "overrides", "grid", "runs")
 MAX_NAME = 100  # characters of a run folder name; longer names are cut and end in a hash of the overrides
@@ -55,17 +58,17 @@ class Run:
     index: int
     overrides: dict  # this run's own keys (grid point and/or `runs` entry), key -> value
     config: configlib.Config
-    folder: Path
+    folder: epath.Path  # storage.path: local or an object-storage URL
 
     @property
-    def config_path(self) -> Path:
+    def config_path(self) -> epath.Path:
         return self.folder / "config.yaml"
 
 
 @dataclass
 class Sweep:
     name: str
-    folder: Path
+    folder: epath.Path
     runs: list[Run]
 
 
@@ -154,7 +157,7 @@ def load(path: str | Path, root: str | Path = "sweeps", extra_overrides: list[st
     base = base_path if base_path.is_file() else str(base)
     shared = _overrides_list(spec.get("overrides"), where) + list(extra_overrides)
     points = _points(spec, where)
-    folder = Path(root).absolute() / name
+    folder = storage.absolute(root) / name
     runs = []
     for index, (point, run_name) in enumerate(zip(points, run_names(points))):
         try:
@@ -197,20 +200,21 @@ def prepare(sweep: Sweep) -> None:
     for run in sweep.runs:
         _check_unchanged(run)
     for run in sweep.runs:
-        run.folder.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(run.folder)
         (run.folder / "run.json").write_text(json.dumps({"name": run.name, "index": run.index,
                                                           "overrides": run.overrides}, indent=2) + "\n")
         configlib.save(run.config, run.config_path)
 
 
-def _saved_steps(folder: Path) -> list[int]:
+def _saved_steps(folder) -> list[int]:
     checkpoints = folder / "checkpoints"
     return sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) if checkpoints.is_dir() else []
 
 
-def run_status(folder: Path, steps: int) -> str:
+def run_status(folder, steps: int) -> str:
     """done (checkpoint at train.steps), failed (the last local attempt exited nonzero), started (metrics but
     not done: crashed, stopped or still running), pending (nothing yet)."""
+    folder = storage.path(folder)
     saved = _saved_steps(folder)
     if saved and saved[-1] >= steps:
         return "done"
@@ -236,9 +240,11 @@ def run_local(sweep: Sweep, python: str = sys.executable) -> int:
             continue
         _log(f"{label}: training (log: {run.folder / 'train.log'})")
         start = time.perf_counter()
-        with open(run.folder / "train.log", "a") as log:
+        logs = storage.Mirror(run.folder, resume=("train.log",))  # a URL's log is uploaded after the run
+        with open(os.path.join(logs.local, "train.log"), "a") as log:
             code = subprocess.call([python, "-m", "insvie_jax.cli", "train", str(run.config_path)],
                                    stdout=log, stderr=subprocess.STDOUT)
+        logs.close()
         seconds = time.perf_counter() - start
         (run.folder / STATUS_FILE).write_text(json.dumps({"returncode": code, "seconds": seconds}) + "\n")
         if code:
@@ -263,7 +269,7 @@ def launch_command(kind: str, run: Run, sweep_name: str, processes: int = 1) -> 
     raise configlib.ConfigError(f"--emit {kind!r}: expected one of {', '.join(EMIT_KINDS)}")
 
 
-def emit(sweep: Sweep, kind: str, processes: int = 1) -> Path:
+def emit(sweep: Sweep, kind: str, processes: int = 1):
     """Writes DIR/<name>/commands-<kind>.sh: one launch line per run that is not finished yet."""
     prepare(sweep)
     todo = [run for run in sweep.runs if run_status(run.folder, run.config.train.steps) != "done"]
@@ -275,7 +281,8 @@ def emit(sweep: Sweep, kind: str, processes: int = 1) -> Path:
              *(launch_command(kind, run, sweep.name, processes) for run in todo)]
     path = sweep.folder / f"commands-{kind}.sh"
     path.write_text("\n".join(lines) + "\n")
-    path.chmod(0o755)
+    if not storage.is_url(path):  # an executable script where the launchers run it
+        os.chmod(path, 0o755)
     return path
 
 
@@ -283,7 +290,7 @@ def emit(sweep: Sweep, kind: str, processes: int = 1) -> Path:
 # Report
 
 
-def _records(folder: Path) -> tuple[list[dict], list[dict]]:
+def _records(folder) -> tuple[list[dict], list[dict]]:
     """(training records, validation records) of metrics.jsonl, one per step: a resumed run logs some steps
     twice, the later record wins."""
     train, val = {}, {}
@@ -305,16 +312,16 @@ def _finite(values) -> list[float]:
     return [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
 
 
-def _run_folders(folder: Path) -> list[tuple[dict, Path]]:
+def _run_folders(folder) -> list[tuple[dict, epath.Path]]:
     runs = [(json.loads((p / "run.json").read_text()), p) for p in folder.iterdir() if (p / "run.json").is_file()]
     return sorted(runs, key=lambda item: (item[0].get("index", 0), item[0]["name"]))
 
 
-def collect(folder: str | Path) -> tuple[list[str], list[dict], dict]:
+def collect(folder) -> tuple[list[str], list[dict], dict]:
     """Reads every run folder under FOLDER: (columns, rows, {run: [(step, loss)]})."""
     from insvie_jax.eval import eval_run_samples
 
-    folder = Path(folder)
+    folder = storage.path(folder)
     runs = _run_folders(folder) if folder.is_dir() else []
     if not runs:
         raise FileNotFoundError(f"no sweep runs (folders with run.json) in {folder}: pass the sweep's folder, "
@@ -350,7 +357,7 @@ def _cell(value, measured: bool) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def _plot(curves: dict, path: Path, title: str) -> None:
+def _plot(curves: dict, path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -365,13 +372,14 @@ def _plot(curves: dict, path: Path, title: str) -> None:
     if any(curves.values()):
         ax.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=100, metadata={"Software": None})
+    with storage.local_file(path) as local:
+        fig.savefig(local, dpi=100, metadata={"Software": None})
     plt.close(fig)
 
 
-def report(folder: str | Path) -> list[dict]:
+def report(folder) -> list[dict]:
     """Writes FOLDER/results.csv, results.md and loss_curves.png from the run folders; returns the rows."""
-    folder = Path(folder)
+    folder = storage.path(folder)
     columns, rows, curves = collect(folder)
     overrides = set(columns[1:columns.index("status")])
     cells = [[_cell(row[c], c not in overrides) for c in columns] for row in rows]

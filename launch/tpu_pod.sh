@@ -2,7 +2,7 @@
 # Trains one config on every worker of a Cloud TPU VM slice (or of several slices), the same command everywhere.
 #   launch/tpu_pod.sh TPU_NAME ZONE CONFIG [KEY=VALUE ...]     e.g. launch/tpu_pod.sh my-v5p-64 us-east5-a cogvideox-2b-edit
 # Copies this checkout (and CONFIG, when it is a file) to ~/insvie-jax on every worker, installs it there once
-# (pip install -e .[tpu]; INSVIE_REINSTALL=1 again), then runs `python3 -m insvie_jax.cli train CONFIG ...` on all
+# (pip install -e .[tpu,gcs]; INSVIE_REINSTALL=1 again), then runs `python3 -m insvie_jax.cli train CONFIG ...` on all
 # workers (gcloud --worker=all). JAX's TPU detection finds the coordinator (worker 0) and every process's rank.
 # Multi-slice: INSVIE_SLICES=N trains on the N slices TPU_NAME-0 ... TPU_NAME-<N-1> (e.g. a queued resource made
 # with --node-count N --node-prefix TPU_NAME) joined over the data-centre network; give the config
@@ -59,7 +59,7 @@ if [[ -f "$config" ]]; then
 fi
 
 install="mkdir -p ~/insvie-jax && tar -xzf ~/insvie-jax.tgz -C ~/insvie-jax && cd ~/insvie-jax"
-install+=" && { [[ -f .insvie-installed && -z '${INSVIE_REINSTALL:-}' ]] || { python3 -m pip install --quiet -e '.[tpu]' && touch .insvie-installed; }; }"
+install+=" && { [[ -f .insvie-installed && -z '${INSVIE_REINSTALL:-}' ]] || { python3 -m pip install --quiet -e '.[tpu,gcs]' && touch .insvie-installed; }; }"
 for node in "${nodes[@]}"; do
   "${gcloud_tpu[@]}" scp "${files[@]}" "$node:" --worker=all "${where[@]}"
   "${gcloud_tpu[@]}" ssh "$node" --worker=all "${where[@]}" --command "$install"

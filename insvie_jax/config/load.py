@@ -183,7 +183,11 @@ def _apply_override(data: dict, keys: list[str], value: Any) -> None:
 
 
 def resolve_path(name: str | Path) -> Path:
-    """A config path, or the name of a shipped preset (`tiny`, `cogvideox-2b-edit`)."""
+    """A config path (or object-storage URL), or the name of a shipped preset (`tiny`, `cogvideox-2b-edit`)."""
+    if "://" in str(name):  # e.g. a sweep's run folder on gs:// (insvie_jax/storage.py)
+        from etils import epath
+
+        return epath.Path(name)
     path = Path(name)
     if path.exists():
         return path
@@ -217,4 +221,6 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
 
 
 def save(config: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    from etils import epath  # a run folder may be an object-storage URL (insvie_jax/storage.py)
+
+    epath.Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -12,7 +12,8 @@ the done files (shards, counts, bad samples) into the manifest. Within a process
 encoded `data.encode_batch_size` triplets at a time in one jitted VAE + T5 step, data-parallel over the
 local devices. Records are written in list order and, with the default batch (one triplet per device),
 every triplet is computed alone on a device in a program of the same shapes, so the output does not depend
-on the number of devices or processes.
+on the number of devices or processes. The output folder may be an object-storage URL (gs://): shards are
+then written in a local folder and uploaded whole, and the JSON files written directly (one object each).
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import os
+import shutil
+import tempfile
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +34,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
+from insvie_jax import storage
 from insvie_jax.config import MeshConfig
 from insvie_jax.convert import encoders
 from insvie_jax.data import records
@@ -154,17 +156,17 @@ class TripletEncoder:
                 for i, c in enumerate(clips)]
 
 
-def _atomic_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+def _atomic_json(path, data) -> None:
+    storage.write_text_whole(path, json.dumps(data, indent=1))
 
 
-def _encode_unit(encoder: TripletEncoder, unit: int, triplets: list[Triplet], out: Path, progress,
+def _encode_unit(encoder: TripletEncoder, unit: int, triplets: list[Triplet], out, progress,
                  bad_before: int) -> dict:
     """Encodes one unit: clips batched by shape (bucket), records written in list order as soon as every
     earlier triplet is settled, so the shards do not depend on the batch size."""
-    for stale in out.glob(f"part-{unit:05d}-*.tmp"):
+    # Shards are written under temporary names in `staging`: `out` itself, or a local folder for a URL.
+    staging = storage.path(tempfile.mkdtemp(prefix="insvie-encode-")) if storage.is_url(out) else out
+    for stale in staging.glob(f"part-{unit:05d}-*.tmp"):
         stale.unlink()
     data = encoder.cfg.data
     seed = data.seed if data.crop == "random" else None
@@ -188,7 +190,7 @@ def _encode_unit(encoder: TripletEncoder, unit: int, triplets: list[Triplet], ou
             else:
                 key = records.bucket_key(result["source_mean"].shape)
                 if key not in writers:
-                    writers[key] = records.writer(out / f"part-{unit:05d}-{key}.array_record.tmp")
+                    writers[key] = records.writer(str(staging / f"part-{unit:05d}-{key}.array_record.tmp"))
                 writers[key].write(records.pack(result))
                 counts[key] = counts.get(key, 0) + 1
                 names.append(name)
@@ -212,9 +214,14 @@ def _encode_unit(encoder: TripletEncoder, unit: int, triplets: list[Triplet], ou
     files = {}
     for key, w in writers.items():
         w.close()
-        final = out / f"part-{unit:05d}-{key}.array_record"
-        os.replace(out / f"part-{unit:05d}-{key}.array_record.tmp", final)
+        tmp, final = staging / f"part-{unit:05d}-{key}.array_record.tmp", out / f"part-{unit:05d}-{key}.array_record"
+        if staging is out:
+            tmp.replace(final)
+        else:
+            storage.upload(tmp, final)
         files[key] = final.name
+    if staging is not out:
+        shutil.rmtree(staging)
     done = {"unit": unit, "files": files, "counts": counts, "names": names, "bad": report.entries,
             "process": jax.process_index()}
     _atomic_json(out / f"part-{unit:05d}.done.json", done)
@@ -230,8 +237,8 @@ def encode_lists(cfg, list_paths, out_dir, *, show_progress: bool = True, device
     """
     distributed.initialize()
     call, process, num_processes = next(_CALLS), jax.process_index(), jax.process_count()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = storage.path(out_dir)
+    storage.makedirs(out)
     digest = config_hash(cfg)
     stamp = out / "encode_config.json"
     if stamp.exists() and json.loads(stamp.read_text())["config_hash"] != digest:

@@ -27,8 +27,10 @@ import csv
 import dataclasses
 import hashlib
 import importlib
+import io
 import json
 import os
+import posixpath
 import time
 import urllib.error
 import urllib.request
@@ -38,6 +40,7 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from insvie_jax import storage
 from insvie_jax.data.sources import BadSamples, Triplet, load_clip, try_load_clip
 from insvie_jax.data.video import VideoError, encode_png, probe
 
@@ -290,24 +293,31 @@ def _judge_rows(cfg, judge: Judge, judged: list) -> None:
             row.update(keep=int(not reasons), reasons="; ".join(reasons))
 
 
-def write_report(rows: list[dict], path: str | Path) -> None:
+def write_report(rows: list[dict], path) -> None:
     columns = ["sample", "keep", "reasons", *SCORE_COLUMNS, "source", "target", "instruction"]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, columns, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, columns, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    storage.path(path).write_text(text.getvalue())
 
 
-def write_kept(rows: list[dict], path: str | Path) -> int:
-    """The kept triplets as a JSONL pair list (absolute paths), readable by `encode` and the pipeline; its first
-    line declares the folder holding them all as the list's data root."""
+def write_kept(rows: list[dict], path) -> int:
+    """The kept triplets as a JSONL pair list (absolute paths or URLs), readable by `encode` and the pipeline; its
+    first line declares the folder holding them all as the list's data root."""
     kept = [r for r in rows if r.get("keep")]
-    with open(path, "w") as f:
-        if kept:
-            folders = [str(Path(r[k]).resolve().parent) for r in kept for k in ("source", "target")]
-            f.write(json.dumps({"root": os.path.commonpath(folders)}) + "\n")
-        for r in kept:
-            f.write(json.dumps({"source": str(Path(r["source"]).resolve()), "target": str(Path(r["target"]).resolve()),
-                                "instruction": r["instruction"]}) + "\n")
+
+    def absolute(p: str) -> str:
+        return p if storage.is_url(p) else os.path.realpath(p)
+
+    files = [absolute(r[k]) for r in kept for k in ("source", "target")]
+    lines = []
+    if files:
+        scheme = files[0].split("://", 1)[0] + "://" if storage.is_url(files[0]) else ""
+        folders = [posixpath.dirname(f.removeprefix(scheme)) for f in files]
+        lines.append(json.dumps({"root": scheme + posixpath.commonpath(folders)}))
+    lines += [json.dumps({"source": absolute(r["source"]), "target": absolute(r["target"]),
+                          "instruction": r["instruction"]}) for r in kept]
+    storage.path(path).write_text("".join(line + "\n" for line in lines))
     return len(kept)

@@ -19,23 +19,26 @@ The "eval" split reads every record once, in order, unshuffled, keeping a short 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-from pathlib import Path
 
 import grain
 import numpy as np
 
+from insvie_jax import storage
 from insvie_jax.data import records
 from insvie_jax.data.sources import BadSamples, read_list, try_load_clip
 
 log = logging.getLogger(__name__)
 BAD_RECORDS_FILE = "pipeline_bad_records.jsonl"
+BAD_RECORDS_STEM = "pipeline_bad_records"
 
 
 class BadRecordLog:
     """Drops marked-bad elements, naming each: a warning, a JSON line in `report_dir` (appended by every worker
-    process), and an in-process count (complete only when data.num_workers = 0)."""
+    process; in object storage, which has no append, one object per record in BAD_RECORDS_FILE's stem folder),
+    and an in-process count (complete only when data.num_workers = 0)."""
 
     def __init__(self, report_dir: str = ""):
         self.report_dir = report_dir
@@ -48,18 +51,27 @@ class BadRecordLog:
         entry = {"sample": element["__bad__"], "reason": element["reason"]}
         log.warning("data: skipping %s: %s", entry["sample"], entry["reason"])
         if self.report_dir:
-            Path(self.report_dir).mkdir(parents=True, exist_ok=True)
-            with open(Path(self.report_dir) / BAD_RECORDS_FILE, "a") as f:
-                f.write(json.dumps(entry) + "\n")
+            folder = storage.path(self.report_dir)
+            if storage.is_url(folder):
+                digest = hashlib.sha1(entry["sample"].encode("utf-8", "surrogateescape")).hexdigest()
+                (folder / BAD_RECORDS_STEM / f"{digest}.json").write_text(json.dumps(entry) + "\n")
+            else:
+                folder.mkdir(parents=True, exist_ok=True)
+                with (folder / BAD_RECORDS_FILE).open("a") as f:
+                    f.write(json.dumps(entry) + "\n")
         return False
 
 
-def read_bad_records(report_dir: str | Path) -> BadSamples:
+def read_bad_records(report_dir) -> BadSamples:
     """The pipeline's bad-record report (deduplicated: a restored iterator may meet a record twice)."""
-    path = Path(report_dir) / BAD_RECORDS_FILE
+    folder = storage.path(report_dir)
+    path, objects = folder / BAD_RECORDS_FILE, folder / BAD_RECORDS_STEM
+    lines = path.read_text().splitlines() if path.exists() else []
+    if objects.is_dir():
+        lines += [p.read_text() for p in sorted(objects.iterdir())]
     seen = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
+    for line in lines:
+        if line.strip():
             entry = json.loads(line)
             seen[entry["sample"]] = entry
     return BadSamples(list(seen.values()))
@@ -154,14 +166,14 @@ def _arrayrecord_streams(cfg, train, process_index, process_count, batch, report
         manifest = records.read_manifest(folder)
         _check_manifest(cfg, manifest, folder)
         for key, bucket in sorted(manifest["buckets"].items()):
-            files = [str(Path(folder) / f) for f in bucket["files"]]
+            files = [str(storage.path(folder) / f) for f in bucket["files"]]  # array_record reads gs:// itself
             stream = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(files))
             stream = stream[process_index::process_count]
             if train and len(stream) < batch:
                 log.warning("data: %s bucket %s has %d records on this host, fewer than a batch (%d): unused",
                             folder, key, len(stream), batch)
                 continue
-            stream = stream.map(DecodeRecord(f"{Path(folder).name}/{key}"))
+            stream = stream.map(DecodeRecord(f"{storage.name(folder)}/{key}"))
             seed = cfg.data.seed + 1000 * number + sum(map(ord, key))
             streams.append(_finish(stream, cfg, train, seed, batch, report, draw))
             weights.append(weight * bucket["count"] / max(manifest["count"], 1))

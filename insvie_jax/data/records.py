@@ -6,17 +6,19 @@ One record (flax.serialization msgpack; arrays keep their dtype, bfloat16 includ
     text: bfloat16 (L, D) T5 output
 Shards are `part-<unit>-<f>x<h>x<w>.array_record` (one latent shape per file: the buckets), written by
 `insvie_jax.data.encode`; the manifest lists them with counts, shapes, dtypes, the config hash and the
-bad-sample report.
+bad-sample report. A folder may be an object-storage URL (gs://): array_record reads gs:// shards itself, and
+shards are written locally and uploaded whole.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import ml_dtypes  # noqa: F401  (bfloat16 arrays round-trip through msgpack)
 import numpy as np
 from flax import serialization
+
+from insvie_jax import storage
 
 FORMAT = "insvie-jax/arrayrecord-triplets-v1"
 MANIFEST = "manifest.json"
@@ -38,13 +40,14 @@ def bucket_key(latent_shape) -> str:
     return "x".join(str(int(n)) for n in latent_shape[:3])
 
 
-def writer(path: str | Path):
+def writer(path: str):
+    """An ArrayRecord writer of local file `path` (storage.local_file gives one for a URL)."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
     return ArrayRecordWriter(str(path), WRITER_OPTIONS)
 
 
-def read_all(path: str | Path) -> list[bytes]:
+def read_all(path) -> list[bytes]:
     from array_record.python.array_record_module import ArrayRecordReader
 
     reader = ArrayRecordReader(str(path))
@@ -54,8 +57,8 @@ def read_all(path: str | Path) -> list[bytes]:
         reader.close()
 
 
-def read_manifest(folder: str | Path) -> dict:
-    path = Path(folder) / MANIFEST
+def read_manifest(folder) -> dict:
+    path = storage.path(folder) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {folder} is not a folder written by `insvie-jax encode` "
                                 "(or the encode did not finish; run it again to resume)")
@@ -97,13 +100,13 @@ def make_manifest(buckets: dict, text_shape, latent_channels: int, scaling_facto
     }
 
 
-def write_synthetic(folder: str | Path, counts: dict, text_shape, latent_channels: int = 16, shard_size: int = 64,
+def write_synthetic(folder, counts: dict, text_shape, latent_channels: int = 16, shard_size: int = 64,
                     seed: int = 0, prefix: str = "") -> dict:
     """A folder of random records for tests and throughput runs: `counts` maps latent (f, h, w) to a record count.
     Record i of a bucket is named "<prefix><f>x<h>x<w>/<i>"; source means are standard normal, target means their
     negation, stds uniform in [0.05, 0.15). Returns the manifest (also written)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = storage.path(folder)
+    storage.makedirs(folder)
     rng = np.random.default_rng(seed)
     bf16 = ml_dtypes.bfloat16
     buckets = {}
@@ -114,13 +117,14 @@ def write_synthetic(folder: str | Path, counts: dict, text_shape, latent_channel
         text = rng.standard_normal(text_shape).astype(bf16)
         for start in range(0, count, shard_size):
             name = f"part-{start // shard_size:05d}-{key}.array_record"
-            out = writer(folder / name)
-            for i in range(start, min(start + shard_size, count)):
-                mean = rng.standard_normal(latent, np.float32).astype(bf16)
-                std = (0.1 * rng.random(latent, np.float32) + 0.05).astype(bf16)
-                out.write(pack({"name": f"{prefix}{key}/{i}", "instruction": f"edit {i}", "source_mean": mean,
-                                "source_std": std, "target_mean": -mean, "target_std": std, "text": text}))
-            out.close()
+            with storage.local_file(folder / name) as local:
+                out = writer(local)
+                for i in range(start, min(start + shard_size, count)):
+                    mean = rng.standard_normal(latent, np.float32).astype(bf16)
+                    std = (0.1 * rng.random(latent, np.float32) + 0.05).astype(bf16)
+                    out.write(pack({"name": f"{prefix}{key}/{i}", "instruction": f"edit {i}", "source_mean": mean,
+                                    "source_std": std, "target_mean": -mean, "target_std": std, "text": text}))
+                out.close()
             entry["files"].append(name)
             entry["count"] += min(start + shard_size, count) - start
     manifest = make_manifest(buckets, text_shape, latent_channels, 1.0, "synthetic", {"count": 0, "by_reason": {},

@@ -25,10 +25,11 @@ import hashlib
 import json
 import math
 import os
-from pathlib import Path
+import posixpath
 
 import numpy as np
 
+from insvie_jax import storage
 from insvie_jax.data.video import VideoError, is_image, probe, read_frames
 
 PAIR_COLUMNS = ("source", "target", "instruction")
@@ -82,14 +83,21 @@ class SampleError(Exception):
 # Lists
 
 
-def _resolve(folder: Path, path: str) -> str:
-    p = Path(path)
-    return str(p if p.is_absolute() else folder / p)
+def _resolve(folder, path: str) -> str:
+    """`path` as written in a list, relative to the list's `folder` unless absolute (a URL is absolute)."""
+    return path if storage.is_url(path) or path.startswith("/") else str(folder / path)
 
 
-def _outside(path: str, root: Path) -> bool:
+def _outside(path: str, root) -> bool:
     """Whether `path` leaves `root` (`../`, an absolute path elsewhere); by the names alone, so a symlink that the
-    data root itself holds stays usable."""
+    data root itself holds stays usable. URLs are compared as names too."""
+    root, path = str(root), str(path)
+    if storage.is_url(root) or storage.is_url(path):
+        root_name = posixpath.normpath(root.split("://", 1)[-1])
+        scheme = root.split("://", 1)[0] if storage.is_url(root) else ""
+        if not path.startswith(scheme + "://"):
+            return True
+        return posixpath.commonpath([root_name, posixpath.normpath(path.split("://", 1)[1])]) != root_name
     root_name = os.path.normpath(os.path.abspath(root))
     return os.path.commonpath([root_name, os.path.normpath(os.path.abspath(path))]) != root_name
 
@@ -102,11 +110,11 @@ def _outside_reason(pairs, allow_outside_root: bool) -> str | None:
     return None
 
 
-def _read_csv(path: Path, video_roots: list[str], report: BadSamples, allow_outside_root: bool) -> list[Triplet]:
+def _read_csv(path, video_roots: list[str], report: BadSamples, allow_outside_root: bool) -> list[Triplet]:
     folder = path.parent
     out: list[Triplet] = []
     # surrogateescape keeps undecodable bytes visible, so a broken row is reported rather than silently altered.
-    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+    with storage.csv_text(path, errors="surrogateescape") as f:
         reader = csv.reader(f)
         try:
             header = next(reader)
@@ -154,23 +162,23 @@ def _read_csv(path: Path, video_roots: list[str], report: BadSamples, allow_outs
                 continue
             outside = _outside_reason(zip((source, target), roots), allow_outside_root)
             if outside:
-                report.add(f"{sample}:{Path(source).name}", outside)
+                report.add(f"{sample}:{storage.name(source)}", outside)
                 continue
-            out.append(Triplet(f"{sample}:{Path(source).name}", source, target, instruction))
+            out.append(Triplet(f"{sample}:{storage.name(source)}", source, target, instruction))
     return out
 
 
-def _read_jsonl(path: Path, report: BadSamples, allow_outside_root: bool) -> list[Triplet]:
+def _read_jsonl(path, report: BadSamples, allow_outside_root: bool) -> list[Triplet]:
     out = []
     root = path.parent
-    for line_number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+    for line_number, line in enumerate(path.read_bytes().decode("utf-8", errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         sample = f"{path.name}:{line_number}"
         try:
             record = json.loads(line)
             if not out and isinstance(record, dict) and set(record) == {"root"}:  # the declared data root
-                root = Path(_resolve(path.parent, str(record["root"])))
+                root = storage.path(_resolve(path.parent, str(record["root"])))
                 continue
             source, target, instruction = (str(record[k]).strip() for k in PAIR_COLUMNS)
         except (json.JSONDecodeError, KeyError, TypeError) as err:
@@ -182,17 +190,16 @@ def _read_jsonl(path: Path, report: BadSamples, allow_outside_root: bool) -> lis
         source, target = _resolve(path.parent, source), _resolve(path.parent, target)
         outside = _outside_reason(((source, root), (target, root)), allow_outside_root)
         if outside:
-            report.add(f"{sample}:{Path(source).name}", outside)
+            report.add(f"{sample}:{storage.name(source)}", outside)
             continue
-        out.append(Triplet(f"{sample}:{Path(source).name}", source, target, instruction))
+        out.append(Triplet(f"{sample}:{storage.name(source)}", source, target, instruction))
     return out
 
 
-def read_list(path: str | Path, video_roots: list[str], report: BadSamples,
-              allow_outside_root: bool = False) -> list[Triplet]:
+def read_list(path, video_roots: list[str], report: BadSamples, allow_outside_root: bool = False) -> list[Triplet]:
     """The triplets of one list file (CSV or JSONL, see the module doc); unreadable rows, and rows naming files
     outside the data root (unless `allow_outside_root`), go to `report`."""
-    path = Path(path)
+    path = storage.path(path)
     if not path.is_file():
         raise FileNotFoundError(f"triplet list {path} not found (data.paths / the list argument)")
     if path.suffix.lower() in (".jsonl", ".json"):

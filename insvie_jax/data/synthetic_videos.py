@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
-from pathlib import Path
 
 import numpy as np
+
+from insvie_jax import storage
 
 # Instruction -> (what it changes, new colour or None for "remove").
 INSTRUCTIONS = {
@@ -108,18 +110,18 @@ def triplet(seed: int, index: int, num_frames: int, height: int, width: int,
             render(scene, num_frames, height, width, instruction), instruction)
 
 
-def write_triplets(folder: str | Path, count: int, num_frames: int, height: int, width: int, fps: float,
-                   seed: int = 0, instructions: list[str] | None = None) -> Path:
+def write_triplets(folder, count: int, num_frames: int, height: int, width: int, fps: float,
+                   seed: int = 0, instructions: list[str] | None = None):
     """Writes `count` triplets as folder/{source,edit}/NNNNN.mp4 and folder/triplets.csv (InsViE layout);
     returns the CSV's path. The CSV is written last, so its presence means the folder is complete."""
     from insvie_jax.data.video import write_video  # PyAV: only where clips are written
 
-    folder = Path(folder)
+    folder = storage.path(folder)
     unknown = sorted(set(instructions or []) - set(INSTRUCTIONS))
     if unknown:
         raise ValueError(f"unknown synthetic instructions {unknown}: choose from {sorted(INSTRUCTIONS)}")
     for sub in ("source", "edit"):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
+        storage.makedirs(folder / sub)
     rows = []
     for index in range(count):
         source, edit, instruction = triplet(seed, index, num_frames, height, width, instructions)
@@ -128,29 +130,29 @@ def write_triplets(folder: str | Path, count: int, num_frames: int, height: int,
         write_video(folder / "edit" / name, edit, fps)
         rows.append([name, "moving shapes", instruction, "moving shapes, edited", "edit"])
     path = folder / "triplets.csv"
-    tmp = path.with_name(path.name + ".tmp")
-    write_insvie_csv(tmp, rows)
-    tmp.replace(path)
+    write_insvie_csv(path, rows)
     return path
 
 
-def write_insvie_csv(path: str | Path, rows: list[list[str]]) -> None:
-    """An InsViE triplet list: a header, then (video, caption, instruction, edited_caption, edit_folder) rows."""
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["video", "caption", "instruction", "edited_caption", "edit_folder"])
-        writer.writerows(rows)
+def write_insvie_csv(path, rows: list[list[str]]) -> None:
+    """An InsViE triplet list: a header, then (video, caption, instruction, edited_caption, edit_folder) rows;
+    written at once (one write of the whole text)."""
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["video", "caption", "instruction", "edited_caption", "edit_folder"])
+    writer.writerows(rows)
+    storage.write_text_whole(path, text.getvalue())
 
 
 VAL_SEED_OFFSET = 1_000_000  # validation scenes: a generator seed no training folder uses
 
 
-def validation_folders(cfg) -> list[Path]:
+def validation_folders(cfg) -> list:
     """The held-out scenes' shard folders (data.generate_val > 0): <folder>/val of each data.paths folder."""
     d = cfg.data
     if not (d.generate and d.generate_val):
         return []
-    return [Path(p) / "val" for p in (d.paths or [str(Path(cfg.train.run_dir) / "data")])]
+    return [storage.path(p) / "val" for p in (d.paths or [str(storage.path(cfg.train.run_dir) / "data")])]
 
 
 def prepare(cfg, main: bool = True):
@@ -162,18 +164,18 @@ def prepare(cfg, main: bool = True):
     d = cfg.data
     if not d.generate:
         return cfg
-    paths = list(d.paths) or [str(Path(cfg.train.run_dir) / "data")]
+    paths = list(d.paths) or [str(storage.path(cfg.train.run_dir) / "data")]
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(d, paths=paths))
     if not main:
         return cfg
-    for number, folder in enumerate(map(Path, paths)):
+    for number, folder in enumerate(map(storage.path, paths)):
         _generate_and_encode(cfg, folder, d.generate, d.seed + number)
     for number, folder in enumerate(validation_folders(cfg)):
         _generate_and_encode(cfg, folder, d.generate_val, d.seed + number + VAL_SEED_OFFSET)
     return cfg
 
 
-def _generate_and_encode(cfg, folder: Path, count: int, seed: int) -> None:
+def _generate_and_encode(cfg, folder, count: int, seed: int) -> None:
     from insvie_jax.data import records
     from insvie_jax.data.encode import encode_lists
 
@@ -192,10 +194,9 @@ def _generate_and_encode(cfg, folder: Path, count: int, seed: int) -> None:
     encode_lists(cfg, [csv_path], folder)
 
 
-def instructions_of(folder: str | Path) -> dict[str, str]:
+def instructions_of(folder) -> dict[str, str]:
     """{clip name: instruction} of a generated folder's triplets (empty when it has no CSV)."""
-    path = Path(folder) / "videos" / "triplets.csv"
+    path = storage.path(folder) / "videos" / "triplets.csv"
     if not path.exists():
         return {}
-    with open(path, newline="") as f:
-        return {row["video"]: row["instruction"] for row in csv.DictReader(f)}
+    return {row["video"]: row["instruction"] for row in csv.DictReader(io.StringIO(path.read_text()))}

@@ -10,10 +10,11 @@ import dataclasses
 import errno
 import os
 from fractions import Fraction
-from pathlib import Path
 
 import av
 import numpy as np
+
+from insvie_jax import storage
 
 # Decoding from the start is cheaper than a seek for indices this close to it (one GOP of typical encoders).
 SEEK_MIN_INDEX = 48
@@ -24,7 +25,7 @@ X264_DETERMINISTIC = "threads=1:lookahead-threads=1:mbtree=0"
 class VideoError(Exception):
     """A file that cannot be used as a clip; `reason` is a short phrase for bad-sample reports."""
 
-    def __init__(self, path: str | Path, reason: str, detail: str = ""):
+    def __init__(self, path, reason: str, detail: str = ""):
         self.path, self.reason = str(path), reason
         super().__init__(f"{path}: {reason}" + (f" ({detail})" if detail else ""))
 
@@ -37,14 +38,14 @@ class VideoInfo:
     width: int
 
 
-def is_image(path: str | Path) -> bool:
-    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+def is_image(path) -> bool:
+    return storage.path(path).suffix.lower() in IMAGE_SUFFIXES
 
 
-def _open(path: str | Path):
-    path = Path(path)
+def _open(path):
+    path = storage.path(path)
     try:
-        size = path.stat().st_size
+        size = storage.size(path)
     except FileNotFoundError:
         raise VideoError(path, "missing file") from None
     except OSError as err:  # e.g. a name longer than the filesystem allows (ENAMETOOLONG), a loop of links
@@ -52,7 +53,7 @@ def _open(path: str | Path):
     if size == 0:
         raise VideoError(path, "zero-length file")
     try:
-        container = av.open(str(path))
+        container = av.open(storage.readable(path))
     except (av.FFmpegError, UnicodeDecodeError, ValueError) as err:
         raise VideoError(path, "unreadable container", str(err)) from err
     except OSError as err:  # a folder, no permission
@@ -73,7 +74,7 @@ def _frame_rate(stream) -> Fraction:
     return stream.average_rate or stream.guessed_rate or Fraction(1)
 
 
-def probe(path: str | Path) -> VideoInfo:
+def probe(path) -> VideoInfo:
     """Frame count, fps and size from the container header; counts by decoding when the header has none."""
     with _open(path) as container:
         stream = container.streams.video[0]
@@ -95,7 +96,7 @@ def _to_array(frame, size: tuple[int, int] | None) -> np.ndarray:
     return frame.to_ndarray(format="rgb24", height=size[0], width=size[1])
 
 
-def read_frames(path: str | Path, indices, size: tuple[int, int] | None = None) -> np.ndarray:
+def read_frames(path, indices, size: tuple[int, int] | None = None) -> np.ndarray:
     """uint8 (len(indices), H, W, 3) frames at `indices` (any order, repeats allowed), resized to `size`
     = (height, width) by libswscale when given.
 
@@ -137,10 +138,14 @@ def read_frames(path: str | Path, indices, size: tuple[int, int] | None = None) 
     return np.stack([got[i] for i in indices.tolist()])
 
 
-def write_video(path: str | Path, frames: np.ndarray, fps: float = 8, codec: str = "libx264",
-                crf: int = 18) -> None:
-    """Writes uint8 (F, H, W, 3) frames (even H and W for yuv420p) as an mp4; atomically (tmp + rename)."""
-    path = Path(path)
+def write_video(path, frames: np.ndarray, fps: float = 8, codec: str = "libx264", crf: int = 18) -> None:
+    """Writes uint8 (F, H, W, 3) frames (even H and W for yuv420p) as an mp4; atomically (a local tmp + rename,
+    or one upload for a URL)."""
+    path = storage.path(path)
+    if storage.is_url(path):
+        with storage.local_file(path) as local:
+            write_video(local, frames, fps, codec, crf)
+        return
     tmp = path.with_name(path.name + ".tmp" + path.suffix)
     frames = np.asarray(frames, dtype=np.uint8)
     with av.open(str(tmp), "w") as container:
@@ -158,12 +163,12 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float = 8, codec: str
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    os.replace(tmp, path)
+    tmp.replace(path)
 
 
-def write_image(path: str | Path, image: np.ndarray) -> None:
+def write_image(path, image: np.ndarray) -> None:
     """Writes a uint8 (H, W, 3) image as PNG."""
-    Path(path).write_bytes(encode_png(image))
+    storage.path(path).write_bytes(encode_png(image))
 
 
 def encode_png(image: np.ndarray) -> bytes:

@@ -21,9 +21,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from insvie_jax import config as configlib
+from insvie_jax import storage
 from insvie_jax.config import Config
 from insvie_jax.convert import encoders
 from insvie_jax.models import t5 as t5_model
@@ -58,7 +60,7 @@ class Models:
 
 @dataclasses.dataclass
 class EditResult:
-    out_dir: Path
+    out_dir: epath.Path  # a local folder or an object-storage URL (storage.path)
     frames: np.ndarray  # the edit, uint8 (F, H, W, 3)
     source: np.ndarray  # the source as the model saw it, uint8 (F, H, W, 3)
     meta: dict
@@ -142,7 +144,7 @@ def encode_instruction(models: Models, instruction: str) -> tuple[jax.Array, boo
 
 def output_name(video: str | Path, instruction: str) -> str:
     """InsViE's folder name: `<video stem>-<instruction, spaces as '_', '/' removed, first 120 characters>`."""
-    return f"{Path(video).stem}-{instruction.replace(' ', '_').replace('/', '')[:NAME_CHARS]}"
+    return f"{storage.path(video).stem}-{instruction.replace(' ', '_').replace('/', '')[:NAME_CHARS]}"
 
 
 class Editor:
@@ -193,14 +195,14 @@ class Editor:
             "size": [cfg.data.height, cfg.data.width], "fps": cfg.sample.fps,
             "source_fps": float(clip.fps) if clip.fps else None, "checkpoint": models.checkpoint,
         }
-        result = EditResult(Path(out) / output_name(video, instruction), videolib.to_uint8(decoded),
+        result = EditResult(storage.path(out) / output_name(video, instruction), videolib.to_uint8(decoded),
                             videolib.to_uint8(source), meta)
         write(result, cfg.sample.fps)
         return result
 
 
 def write(result: EditResult, fps: int) -> None:
-    result.out_dir.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(result.out_dir)
     videolib.write_mp4(result.out_dir / "edit.mp4", result.frames, fps)
     videolib.write_mp4(result.out_dir / "side_by_side.mp4", videolib.side_by_side(result.source, result.frames), fps)
     videolib.contact_sheet(result.out_dir / "contact_sheet.png", result.source, result.frames)

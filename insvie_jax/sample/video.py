@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 from fractions import Fraction
-from pathlib import Path
 
 import av
 import numpy as np
 from PIL import Image
 
+from insvie_jax import storage
 from insvie_jax.data.video import X264_DETERMINISTIC
 
 
@@ -51,7 +51,7 @@ def resize_crop(frame: np.ndarray, target_h: int, target_w: int) -> np.ndarray:
     return frame[top:top + target_h, left:left + target_w]
 
 
-def _open(path: Path):
+def _open(path):
     try:
         found = path.is_file()
     except OSError as err:  # e.g. a name longer than the filesystem allows
@@ -60,15 +60,15 @@ def _open(path: Path):
     if not found:
         raise FileNotFoundError(f"video not found: {path}: check the path (--video, or the CSV's --test-folder)")
     try:
-        return av.open(str(path))
+        return av.open(storage.readable(path))
     except av.error.FFmpegError as err:
         raise VideoError(f"cannot read video {path}: {err.strerror or err}; is it a complete, valid video file?") \
             from None
 
 
-def read_clip(path: str | Path, height: int, width: int, max_frames: int, temporal_compression: int = 4) -> SourceClip:
+def read_clip(path, height: int, width: int, max_frames: int, temporal_compression: int = 4) -> SourceClip:
     """The source clip as the model takes it: (F, height, width, 3) in [-1, 1], F = 4k+1 ≤ max_frames."""
-    path = Path(path)
+    path = storage.path(path)
     frames = []
     with _open(path) as container:
         if not container.streams.video:
@@ -105,11 +105,11 @@ def _codec() -> str:
         return "mpeg4"
 
 
-def write_mp4(path: str | Path, frames: np.ndarray, fps: int | Fraction) -> Path:
-    """uint8 (F, H, W, 3) -> an H.264 mp4 (MPEG-4 part 2 when PyAV's ffmpeg has no libx264)."""
-    path = Path(path)
+def write_mp4(path, frames: np.ndarray, fps: int | Fraction):
+    """uint8 (F, H, W, 3) -> an H.264 mp4 (MPEG-4 part 2 when PyAV's ffmpeg has no libx264); returns the path."""
+    path = storage.path(path)
     codec = _codec()
-    with av.open(str(path), "w") as container:
+    with storage.local_file(path) as local, av.open(local, "w") as container:
         stream = container.add_stream(codec, rate=Fraction(fps))
         stream.height, stream.width = frames.shape[1:3]
         stream.pix_fmt = "yuv420p"
@@ -129,9 +129,10 @@ def side_by_side(source: np.ndarray, edited: np.ndarray) -> np.ndarray:
     return np.concatenate([source, edited], axis=2)
 
 
-def contact_sheet(path: str | Path, source: np.ndarray, edited: np.ndarray, columns: int = 4) -> Path:
+def contact_sheet(path, source: np.ndarray, edited: np.ndarray, columns: int = 4):
     """A PNG of `columns` evenly spaced frames: the source in the top row, the edit below."""
     picks = np.unique(np.linspace(0, len(edited) - 1, min(columns, len(edited))).round().astype(int))
     rows = [np.concatenate(list(video[picks]), axis=1) for video in (source, edited)]
-    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
-    return Path(path)
+    with storage.local_file(path) as local:
+        Image.fromarray(np.concatenate(rows, axis=0)).save(local)
+    return storage.path(path)

@@ -8,6 +8,10 @@ pipelines a `data` folder with each process's iterator state (grain's orbax hand
 A save that fails (disk full, unwritable folder) does not stop the run: orbax writes into a temporary
 folder and renames it only when complete, so earlier checkpoints stay readable; the failure is reported
 on stderr and in metrics.jsonl by the loop, and the next save is tried as scheduled.
+
+RUN may be a gs:// URL: orbax writes there collectively from every process (tensorstore's GCS driver) and
+marks a complete checkpoint with commit_success.txt instead of a rename; the checkpoint folder is an
+epath.Path either way (storage.absolute).
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from pathlib import Path
 import grain.checkpoint
 import jax
 import orbax.checkpoint as ocp
+import yaml
 
+from insvie_jax import storage
 from insvie_jax.config import Config
 
 
@@ -37,7 +43,7 @@ def _abstract(tree, shardings):
 
 
 class Checkpointer:
-    def __init__(self, run_dir: Path, cfg: Config):
+    def __init__(self, run_dir, cfg: Config):
         c = cfg.checkpoint
         self.save_frozen = not cfg.train.init_from
         options = ocp.CheckpointManagerOptions(
@@ -46,7 +52,10 @@ class Checkpointer:
             enable_async_checkpointing=c.async_save,
             create=True,
         )
-        self.directory = Path(run_dir).absolute() / "checkpoints"
+        if storage.is_url(run_dir) and not str(run_dir).startswith("gs://"):
+            raise storage.StorageError(f"train.run_dir={run_dir}: orbax writes checkpoints to gs:// or local "
+                                       "folders only; use a gs:// bucket or a shared filesystem")
+        self.directory = storage.absolute(run_dir) / "checkpoints"
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
@@ -117,7 +126,8 @@ def load_run_model(run_dir: str | Path, step: int | None = None, use_ema: bool =
     from insvie_jax.parallel.mesh import create_mesh
     from insvie_jax.train import step as steplib
 
-    checkpoints = Checkpointer(run_dir, configlib.load(Path(run_dir) / "config.yaml"))
+    saved = yaml.safe_load((storage.path(run_dir) / "config.yaml").read_text())
+    checkpoints = Checkpointer(run_dir, configlib.from_dict(saved))
     step = checkpoints.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {checkpoints.directory}")
@@ -125,7 +135,8 @@ def load_run_model(run_dir: str | Path, step: int | None = None, use_ema: bool =
         raise FileNotFoundError(f"no checkpoint {step} in {checkpoints.directory} (there: "
                                 f"{', '.join(map(str, checkpoints.manager.all_steps())) or 'none'})")
     cfg = configlib.from_dict(checkpoints.meta(step)["config"])
-    cfg.mesh = dataclasses.replace(cfg.mesh, ici_data=1, ici_fsdp=1, ici_tensor=1, ici_context=1)
+    cfg.mesh = dataclasses.replace(cfg.mesh, ici_data=1, ici_fsdp=1, ici_tensor=1, ici_context=1,  # one device,
+                                   dcn_data=1, dcn_fsdp=1, dcn_tensor=1, dcn_context=1)  # also for a multi-host run
     if use_ema and cfg.train.ema_decay <= 0:
         raise configlib.ConfigError(f"{run_dir} was trained without EMA (train.ema_decay=0): use its weights "
                                     "without EMA (no --ema)")

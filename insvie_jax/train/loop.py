@@ -21,13 +21,13 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 from tqdm import tqdm
 
 from insvie_jax import config as configlib
+from insvie_jax import storage
 from insvie_jax.data import synthetic_videos
 from insvie_jax.data.pipeline import make_pipeline
 from insvie_jax.data.synthetic import SyntheticTriplets
@@ -115,7 +115,7 @@ class _StopSignal:
             signal.signal(signal.SIGTERM, self.previous)
 
 
-def _stage_of_checkpoint(stages: list[configlib.Stage], step: int, meta: dict, where: Path) -> int:
+def _stage_of_checkpoint(stages: list[configlib.Stage], step: int, meta: dict, where) -> int:
     """The index of the stage that wrote checkpoint `step`: the one with start < step <= end (a checkpoint at a
     stage's end is that stage's last); checked against the stage name the checkpoint recorded."""
     index = next((i for i, s in enumerate(stages) if s.start < step <= s.end), len(stages) - 1)
@@ -132,7 +132,7 @@ class _Run:
     """What the stages of one run share: the mesh, the checkpoint series, the metrics writer, the stop signal,
     and the losses, compile time and stop reason so far."""
 
-    def __init__(self, cfg: configlib.Config, stages: list[configlib.Stage], run_dir: Path, mesh, groups: int,
+    def __init__(self, cfg: configlib.Config, stages: list[configlib.Stage], run_dir, mesh, groups: int,
                  main: bool):
         self.stages, self.run_dir, self.mesh, self.groups, self.main = stages, run_dir, mesh, groups, main
         self.staged = bool(cfg.stages)
@@ -252,9 +252,9 @@ def run(cfg: configlib.Config) -> dict:
         cfg = synthetic_videos.prepare(cfg, main)
         distributed.barrier("insvie-jax data.generate")  # the others may wait minutes: no device collective
     stages = configlib.resolve_stages(cfg)
-    run_dir = Path(cfg.train.run_dir)
+    run_dir = storage.path(cfg.train.run_dir)  # a local folder or an object-storage URL (gs://...)
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(run_dir)
         configlib.save(cfg, run_dir / "config.yaml")
     mesh = meshlib.create_mesh(cfg.mesh)
     groups = meshlib.data_parallel_size(mesh)
@@ -339,7 +339,7 @@ def run(cfg: configlib.Config) -> dict:
     return summary
 
 
-def _edit_command(cfg: configlib.Config, run_dir: Path) -> str:
+def _edit_command(cfg: configlib.Config, run_dir) -> str:
     """The `insvie-jax edit` line that edits with this run (its latest checkpoint and its config): on a held-out
     generated clip when there is one."""
     import shlex

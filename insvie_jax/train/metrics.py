@@ -1,13 +1,16 @@
 """What a run reports: RUN/metrics.jsonl (one JSON object per logged step) and TensorBoard scalars.
 
-Only process 0 writes; other processes get a writer that does nothing.
+Only process 0 writes; other processes get a writer that does nothing. When RUN is an object-storage URL, both
+are written in a local folder and uploaded whole every `upload_every_s` seconds, after an error, and at close
+(storage.Mirror: object storage has no append); a resumed run continues the uploaded metrics.jsonl.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
+
+from insvie_jax import storage
 
 # Dense bf16 peak TFLOP/s per chip, from the vendors' data sheets; matched as a substring of device_kind.
 PEAK_TFLOPS = {
@@ -46,14 +49,21 @@ def step_flops(cfg, latent: tuple[int, int, int], num_devices: int) -> float:
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: Path, enabled: bool = True):
+    def __init__(self, run_dir, enabled: bool = True, upload_every_s: float = 30.0):
         self.enabled = enabled
-        self.jsonl = open(run_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115 - closed in close()
-        self.tensorboard = None
+        self.jsonl = self.tensorboard = self.mirror = None
         if enabled:
             from tensorboardX import SummaryWriter
 
-            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+            self.mirror = storage.Mirror(run_dir, resume=("metrics.jsonl",), every_s=upload_every_s)
+            local = storage.path(self.mirror.local)
+            self.jsonl = (local / "metrics.jsonl").open("a")
+            self.tensorboard = SummaryWriter(str(local / "tensorboard"))
+
+    def _sync(self, force: bool = False) -> None:
+        if force and self.mirror.remote or self.mirror.due():
+            self.tensorboard.flush()
+            self.mirror.sync(force=True)
 
     def write(self, record: dict, prefix: str = "train") -> None:
         """One metrics.jsonl line; its numbers also as TensorBoard scalars `<prefix>/<key>`."""
@@ -64,11 +74,13 @@ class MetricsWriter:
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.tensorboard.add_scalar(f"{prefix}/{key}", value, record["step"])
+        self._sync()
 
     def image(self, tag: str, image, step: int) -> None:
         """A uint8 (H, W, 3) image in TensorBoard."""
         if self.enabled:
             self.tensorboard.add_image(tag, image, step, dataformats="HWC")
+            self._sync()
 
     def error(self, step: int, message: str) -> None:
         """A problem the run survives: on stderr and in metrics.jsonl as {"step", "error"}."""
@@ -76,8 +88,10 @@ class MetricsWriter:
         if self.enabled:
             self.jsonl.write(json.dumps({"step": step, "error": message}) + "\n")
             self.jsonl.flush()
+            self._sync(force=True)
 
     def close(self) -> None:
         if self.enabled:
             self.jsonl.close()
             self.tensorboard.close()
+            self.mirror.close()

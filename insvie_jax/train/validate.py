@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -25,6 +24,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from insvie_jax import config as configlib
+from insvie_jax import storage
 from insvie_jax.sample import loop as sampling
 from insvie_jax.sample import video as videolib
 
@@ -72,7 +72,7 @@ def _decode(vae, latents):
 
 
 class Validator:
-    def __init__(self, cfg: configlib.Config, mesh, graphdef, clips: dict[str, np.ndarray], run_dir: Path,
+    def __init__(self, cfg: configlib.Config, mesh, graphdef, clips: dict[str, np.ndarray], run_dir,
                  writer, main: bool):
         self.cfg, self.graphdef, self.run_dir, self.writer, self.main = cfg, graphdef, run_dir, writer, main
         replicated = NamedSharding(mesh, PartitionSpec())
@@ -119,7 +119,7 @@ class Validator:
         latents = latents / np.float32(self.cfg.vae.scaling_factor)
         videos = videolib.to_uint8(np.asarray(_decode(self.vae, latents)))
         folder = self.run_dir / "samples" / str(done)
-        folder.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(folder)
         for index in range(count):
             panel = np.concatenate(videos[index::count], axis=2)  # source | edit | target
             videolib.write_mp4(folder / f"{index:02d}.mp4", panel, self.cfg.sample.fps)
@@ -134,7 +134,7 @@ class Validator:
         return scores
 
 
-def contact_sheet(path: Path, clips: list, labels: list[str], frames: int = SHEET_FRAMES) -> Path:
+def contact_sheet(path, clips: list, labels: list[str], frames: int = SHEET_FRAMES):
     """A PNG: per clip, its instruction, then a source, an edit and a target row of `frames` evenly spaced
     frames (each clip a list of three uint8 (F, H, W, 3) videos), enlarged 2x so that small clips read."""
     from PIL import Image, ImageDraw
@@ -147,5 +147,6 @@ def contact_sheet(path: Path, clips: list, labels: list[str], frames: int = SHEE
         title = Image.new("RGB", (grid.shape[1], 14), (255, 255, 255))
         ImageDraw.Draw(title).text((2, 1), f"{label}   (rows: source / edit / target)", fill=(0, 0, 0))
         bands += [np.asarray(title), grid, np.full((6, grid.shape[1], 3), 255, np.uint8)]
-    Image.fromarray(np.concatenate(bands, axis=0)).save(path)
+    with storage.local_file(path) as local:
+        Image.fromarray(np.concatenate(bands, axis=0)).save(local, format="PNG")
     return path
