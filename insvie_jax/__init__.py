@@ -5,7 +5,10 @@ Public API (imported on first use, so `import insvie_jax` stays light):
 `load_vae` / `save_vae`, `load_t5` / `save_t5` likewise; configs through `insvie_jax.config.load(path, overrides)`.
 """
 
+from insvie_jax.parallel.topology import quiet_libtpu_without_tpu
+
 __version__ = "0.1.0"
+quiet_libtpu_without_tpu()
 
 _LAZY = {
     "load_transformer": "insvie_jax.convert.api",

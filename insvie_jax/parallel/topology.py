@@ -48,6 +48,16 @@ class TopologyError(ValueError):
     """A topology name that libtpu does not know, or libtpu missing; the message says what to do."""
 
 
+def quiet_libtpu_without_tpu() -> None:
+    """Where libtpu is installed (jax[tpu]) but no TPU is attached, it looks for a Cloud TPU VM's metadata and
+    prints screens of warnings whenever JAX starts; these settings tell it there is none."""
+    if os.path.exists("/dev/accel0") or glob.glob("/dev/vfio/[0-9]*"):
+        return
+    for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_ACCELERATOR_TYPE", "v5p-8"),
+                       ("TPU_WORKER_HOSTNAMES", "localhost")):
+        os.environ.setdefault(key, value)
+
+
 def chip_of(device) -> Chip | None:
     return CHIPS.get(getattr(device, "device_kind", ""))
 
@@ -87,11 +97,7 @@ def abstract_devices(name: str, slices: int = 1) -> list:
     """The devices of `slices` slices of topology `name` (no TPU needed, only libtpu)."""
     # Several processes may compile at once (test workers, parallel checks): libtpu's lock would refuse them.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    if not (os.path.exists("/dev/accel0") or glob.glob("/dev/vfio/[0-9]*")):
-        # No TPU here: tell libtpu not to look for a Cloud TPU VM's metadata (it only prints warnings otherwise).
-        for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_ACCELERATOR_TYPE", "v5p-8"),
-                           ("TPU_WORKER_HOSTNAMES", "localhost")):
-            os.environ.setdefault(key, value)
+    quiet_libtpu_without_tpu()
     from jax.experimental import topologies
 
     topology = topology_name(name)

@@ -8,6 +8,7 @@ crop, and (x − 127.5) / 127.5.
 from __future__ import annotations
 
 import dataclasses
+import os
 from fractions import Fraction
 
 import av
@@ -52,12 +53,16 @@ def resize_crop(frame: np.ndarray, target_h: int, target_w: int) -> np.ndarray:
 
 
 def _open(path):
+    path = storage.path(path)
     try:
-        found = path.is_file()
+        if not storage.is_url(path):
+            os.stat(path)  # epath's is_file() answers False where the name itself is impossible
+    except FileNotFoundError:
+        pass
     except OSError as err:  # e.g. a name longer than the filesystem allows
         raise VideoError(f"cannot open video {path}: {err.strerror}; check the path (--video, or the CSV's rows)") \
             from None
-    if not found:
+    if not path.is_file():
         raise FileNotFoundError(f"video not found: {path}: check the path (--video, or the CSV's --test-folder)")
     try:
         return av.open(storage.readable(path))
