@@ -10,7 +10,7 @@ import pytest
 from insvie_jax import config as configlib
 from insvie_jax.config import ConfigError
 from insvie_jax.diffusion import guidance, samplers
-from insvie_jax.models import transformer
+from insvie_jax.models import remat
 
 
 @pytest.mark.parametrize("override, message", [
@@ -72,7 +72,7 @@ def test_did_you_mean_matches_word_parts_and_synonyms(typo, suggestion):
 def test_allowed_string_values_come_from_the_schema():
     assert samplers.SAMPLERS == configlib.choices("sample.sampler")
     assert guidance.SCHEDULES == configlib.choices("sample.guidance_schedule")
-    assert set(transformer._REMAT_POLICIES) | {"none"} == set(configlib.choices("model.remat_policy"))
+    assert set(remat.POLICIES) | {"none"} == set(configlib.choices("model.remat_policy"))
     for sampler in configlib.choices("sample.sampler"):  # every allowed value has an implementation
         samplers.make_plan(sampler, 4, configlib.DiffusionConfig())
     with pytest.raises(ConfigError, match="'sample.sampler' = 'euler': expected one of dpmpp_2m_sde, cogvideox_dpm, "

@@ -71,3 +71,19 @@ def module_from_flat(abstract: nnx.Module, flat: dict[str, np.ndarray], what: st
 def count_params(model: nnx.Module) -> int:
     """Parameters of a model (abstract ones too: shapes only)."""
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def host_random_weights(model: nnx.Module, seed: int) -> dict[str, np.ndarray]:
+    """PyTorch-style random weights drawn in numpy for (abstract) `model`: kernels (..., in, out) uniform in
+    ±1/sqrt(fan_in), norm scales 1, the rest 0. Drawn on the host because initialising many differently shaped
+    convolutions op by op in JAX compiles each one (~15 s on CPU even for the tiny VAE)."""
+    rng = np.random.default_rng(seed)
+
+    def draw(name: str, shape: tuple) -> np.ndarray:
+        kind = name.rsplit(".", 1)[1]
+        if kind == "kernel":
+            bound = 1 / np.sqrt(np.prod(shape[:-1]))
+            return rng.uniform(-bound, bound, shape).astype(np.float32)
+        return (np.ones if kind == "scale" else np.zeros)(shape, np.float32)
+
+    return {name: draw(name, shape) for name, shape in param_shapes(model).items()}

@@ -13,54 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from insvie_jax.models.params import count_params  # noqa: F401 - part of this module's API
 from insvie_jax.config import ModelConfig
 from insvie_jax.models import embeddings
 from insvie_jax.models.attention import SplashBlocks, attention
 from insvie_jax.models.layers import Dense, LayerNorm
+from insvie_jax.models.params import count_params  # noqa: F401 - part of this module's API
+from insvie_jax.models.remat import run_layers
 from insvie_jax.parallel.sharding import constrain
-
-# The layer scan saves each layer's bf16 input (its only large residual under these policies). The `*_offload`
-# policies keep those inputs in pinned host memory instead, copied out during the forward and back during the
-# backward (tools/PERFORMANCE.md "Memory": 2B at 49x480x720 saves 1.9 GiB of HBM for ~4% more time).
-_LAYER_INPUT = "layer_input"
-_TO_HOST = jax.ad_checkpoint.Offloadable(src="device", dst="pinned_host")
-
-
-def _is_attention_kernel(prim) -> bool:
-    # cuDNN's flash forward returns the output and the softmax statistics that its backward needs; keeping
-    # both (~70 MB a layer for 2B at 49x480x720) spares recomputing the step's most expensive forward kernel.
-    return prim.name.startswith("dot_product_attention_fwd")
-
-
-def _is_layer_input(prim, params) -> bool:
-    return prim.name == "name" and params.get("name") == _LAYER_INPUT
-
-
-def _policy(attention, layer_input):
-    """A remat policy: what happens to the flash forward's outputs and to the named layer input; the rest is
-    recomputed."""
-
-    def policy(prim, *_, **params):
-        if _is_attention_kernel(prim):
-            return attention
-        if _is_layer_input(prim, params):
-            return layer_input
-        return jax.ad_checkpoint.Recompute
-
-    return policy
-
-
-_RECOMPUTE, _SAVE = jax.ad_checkpoint.Recompute, jax.ad_checkpoint.Saveable
-_REMAT_POLICIES = {
-    "full": None,
-    "attention": _policy(attention=_SAVE, layer_input=_RECOMPUTE),
-    "full_offload": _policy(attention=_RECOMPUTE, layer_input=_TO_HOST),
-    "attention_offload": _policy(attention=_SAVE, layer_input=_TO_HOST),
-    "attention_offload_all": _policy(attention=_TO_HOST, layer_input=_TO_HOST),
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 
 
 def _dtypes(cfg: ModelConfig):
@@ -260,24 +219,7 @@ class EditTransformer(nnx.Module):
             rope = positions
         x = constrain(jnp.concatenate([text_tokens, video_tokens], axis=1), ("batch", "length", "embed"))
 
-        # Layers run as one lax.scan over the stacked block parameters (one compiled block for 30-42 layers);
-        # the block is rebuilt from its parameter slice inside, which keeps this a plain JAX function that any
-        # outer transform (grad, jit, shard_map) can trace.
-        graphdef, state = nnx.split(self.blocks)
-
-        def block_fn(x, layer_state):
-            # Named so that an offloading remat policy can move the saved layer inputs to host memory.
-            x = jax.ad_checkpoint.checkpoint_name(x, _LAYER_INPUT)
-            return nnx.merge(graphdef, layer_state)(x, temb, text_length, rope), None
-
-        if cfg.remat_policy != "none":
-            block_fn = jax.checkpoint(block_fn, policy=_REMAT_POLICIES[cfg.remat_policy],
-                                      prevent_cse=not cfg.scan_layers)
-        if cfg.scan_layers:
-            x, _ = jax.lax.scan(block_fn, x, state)
-        else:
-            for i in range(cfg.num_layers):
-                x, _ = block_fn(x, jax.tree.map(lambda a, i=i: a[i], state))
+        x = run_layers(self.blocks, x, lambda block, x: block(x, temb, text_length, rope), cfg)
 
         video = self.norm_final(x[:, text_length:])
         video = self.proj_out(self.norm_out(video, temb))

@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from insvie_jax.models.params import count_params  # noqa: F401 - part of this module's API
 from insvie_jax.config import TextEncoderConfig
 from insvie_jax.models import t5
 from insvie_jax.models.layers import param
+from insvie_jax.models.params import count_params  # noqa: F401 - part of this module's API
 from insvie_jax.parallel.sharding import constrain
 
 

@@ -19,7 +19,7 @@ from flax import nnx, struct
 
 from insvie_jax.config import VAEConfig
 from insvie_jax.models.layers import param
-from insvie_jax.models.params import module_from_flat, param_shapes
+from insvie_jax.models.params import host_random_weights, module_from_flat
 
 _CONV3D = ("NDHWC", "DHWIO", "NDHWC")
 _CONV2D = ("NHWC", "HWIO", "NHWC")
@@ -436,17 +436,8 @@ def build(cfg: VAEConfig, seed: int = 0) -> CogVideoXVAE:
     each one: about 15 s on CPU even for the tiny VAE, against well under a second here.
     `cfg.random_posterior_std` > 0 makes the encoder's log-variance output that constant (see VAEConfig).
     """
-    rng = np.random.default_rng(seed)
-
-    def draw(name: str, shape: tuple) -> np.ndarray:
-        kind = name.rsplit(".", 1)[1]
-        if kind == "kernel":  # (..., in, out)
-            bound = 1 / np.sqrt(np.prod(shape[:-1]))
-            return rng.uniform(-bound, bound, shape).astype(np.float32)
-        return (np.ones if kind == "scale" else np.zeros)(shape, np.float32)
-
     model = abstract(cfg)
-    flat = {name: draw(name, shape) for name, shape in param_shapes(model).items()}
+    flat = host_random_weights(model, seed)
     if cfg.random_posterior_std > 0:
         channels = cfg.latent_channels  # conv_out gives (mean, logvar) channels
         flat["encoder.conv_out.kernel"][..., channels:] = 0.0

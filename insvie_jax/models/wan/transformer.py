@@ -18,11 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from insvie_jax.models.params import count_params  # noqa: F401 - part of this module's API
 from insvie_jax.models import embeddings
 from insvie_jax.models.attention import SplashBlocks, attention
 from insvie_jax.models.layers import Dense, LayerNorm, param
-from insvie_jax.models.transformer import _REMAT_POLICIES
+from insvie_jax.models.params import count_params  # noqa: F401 - part of this module's API
+from insvie_jax.models.remat import run_layers
 from insvie_jax.models.wan.config import WanModelConfig
 from insvie_jax.parallel.sharding import constrain
 
@@ -250,21 +250,7 @@ class WanEditTransformer(nnx.Module):
         text = constrain(self.text_embedding(text.astype(dt)), ("batch", None, "embed"))
         rope = rope_tables(cfg, gf, gh, gw)
 
-        # Layers run as one lax.scan over the stacked block parameters; the block is rebuilt from its parameter
-        # slice inside, which keeps this a plain JAX function that any outer transform can trace.
-        graphdef, state = nnx.split(self.blocks)
-
-        def block_fn(x, layer_state):
-            return nnx.merge(graphdef, layer_state)(x, text, temb_proj, rope), None
-
-        if cfg.remat_policy != "none":
-            block_fn = jax.checkpoint(block_fn, policy=_REMAT_POLICIES[cfg.remat_policy],
-                                      prevent_cse=not cfg.scan_layers)
-        if cfg.scan_layers:
-            x, _ = jax.lax.scan(block_fn, x, state)
-        else:
-            for i in range(cfg.num_layers):
-                x, _ = block_fn(x, jax.tree.map(lambda a, i=i: a[i], state))
+        x = run_layers(self.blocks, x, lambda block, x: block(x, text, temb_proj, rope), cfg)
 
         # The final modulation uses temb itself (not its projection), with its own (shift, scale) table.
         mod = self.scale_shift_table[...].astype(jnp.float32) + temb[:, :, None, :]

@@ -29,7 +29,7 @@ from flax import nnx
 
 from insvie_jax.config import WanVAEConfig
 from insvie_jax.models.layers import param
-from insvie_jax.models.params import module_from_flat, param_shapes
+from insvie_jax.models.params import host_random_weights, module_from_flat
 from insvie_jax.models.vae import PointwiseConv, Posterior, _tiled
 
 _CONV3D = ("NDHWC", "DHWIO", "NDHWC")
@@ -516,14 +516,5 @@ def abstract(cfg: WanVAEConfig) -> WanVAE:
 def build(cfg: WanVAEConfig, seed: int = 0) -> WanVAE:
     """A VAE with PyTorch-style random weights drawn in numpy (uniform ±1/sqrt(fan_in) kernels, unit norms):
     initialising its many differently shaped convolutions op by op in JAX would compile each one."""
-    rng = np.random.default_rng(seed)
-
-    def draw(name: str, shape: tuple) -> np.ndarray:
-        kind = name.rsplit(".", 1)[1]
-        if kind == "kernel":  # (..., in, out)
-            bound = 1 / np.sqrt(np.prod(shape[:-1]))
-            return rng.uniform(-bound, bound, shape).astype(np.float32)
-        return (np.ones if kind == "scale" else np.zeros)(shape, np.float32)
-
     model = abstract(cfg)
-    return module_from_flat(model, {n: draw(n, s) for n, s in param_shapes(model).items()}, "random Wan VAE")
+    return module_from_flat(model, host_random_weights(model, seed), "random Wan VAE")
