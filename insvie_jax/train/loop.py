@@ -248,7 +248,6 @@ def run(cfg: configlib.Config) -> dict:
     resuming RUN if it holds checkpoints; returns a summary."""
     distributed.initialize()
     main = distributed.is_main_process()
-    given = cfg  # what config.yaml records: data.generate's default folder stays implicit, so a rerun compares equal
     if cfg.data.generate:  # the default run's moving-shape clips, written and encoded once by the main process
         cfg = synthetic_videos.prepare(cfg, main)
         distributed.barrier("insvie-jax data.generate")  # the others may wait minutes: no device collective
@@ -256,7 +255,7 @@ def run(cfg: configlib.Config) -> dict:
     run_dir = storage.path(cfg.train.run_dir)  # a local folder or an object-storage URL (gs://...)
     if main:
         storage.makedirs(run_dir)
-        configlib.save(given, run_dir / "config.yaml")
+        configlib.save(cfg, run_dir / "config.yaml")
     mesh = meshlib.create_mesh(cfg.mesh)
     groups = meshlib.data_parallel_size(mesh)
     for stage in stages:
