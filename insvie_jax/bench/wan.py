@@ -86,53 +86,6 @@ def run_jax(args) -> dict:
     return rows
 
 
-def run_torch(args) -> dict:
-    import diffusers
-    import torch
-
-    from insvie_jax.convert import wan_keys
-    from insvie_jax.models.wan.config import WanModelConfig
-
-    f, h, w = args.frames, args.height, args.width
-    tokens = f * (h // 2) * (w // 2)
-    kwargs = {k: v for k, v in wan_keys.diffusers_config(WanModelConfig()).items() if not k.startswith("_")}
-    with torch.device("cuda"):
-        model = diffusers.WanTransformer3DModel(**kwargs).to(torch.bfloat16)
-    rows = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "diffusers": diffusers.__version__}
-
-    def inputs(batch):
-        x = torch.randn(batch, 96, f, h, w, device="cuda", dtype=torch.bfloat16)
-        text = torch.randn(batch, 512, 4096, device="cuda", dtype=torch.bfloat16)
-        return x, torch.full((batch, tokens), 500.0, device="cuda"), text
-
-    def sync(_):
-        torch.cuda.synchronize()
-
-    def peak():
-        return torch.cuda.max_memory_allocated() / 2**30
-
-    model.eval()
-    with torch.no_grad():
-        for batch, name in ((1, "forward"), (2, "guided_step")):
-            x, t, text = inputs(batch)
-            torch.cuda.reset_peak_memory_stats()
-            rows[name] = _median(lambda: model(x, t, text, return_dict=False)[0], sync, args.repeats)
-            rows[name]["peak_gib"] = peak()
-    model.train()
-    model.enable_gradient_checkpointing()
-    x, t, text = inputs(1)
-
-    def fwdbwd():
-        model.zero_grad(set_to_none=True)
-        out = model(x, t, text, return_dict=False)[0]
-        out.float().square().mean().backward()
-
-    torch.cuda.reset_peak_memory_stats()
-    rows["fwdbwd_checkpointing"] = _median(fwdbwd, sync, args.repeats)
-    rows["fwdbwd_checkpointing"]["peak_gib"] = peak()
-    return rows
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("side", choices=("jax", "torch"))
@@ -144,7 +97,12 @@ def main(argv=None) -> None:
     parser.add_argument("--per-token", action="store_true", help="also time per-token timesteps (jax side)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
-    rows = run_jax(args) if args.side == "jax" else run_torch(args)
+    if args.side == "jax":
+        rows = run_jax(args)
+    else:
+        from insvie_jax.convert.torch_reference import wan_transformer_reference
+
+        rows = wan_transformer_reference(args.frames, args.height, args.width, args.repeats, _median)
     rows["latent"] = [args.frames, args.height, args.width]
     with open(args.out, "w") as fh:
         json.dump(rows, fh, indent=2)

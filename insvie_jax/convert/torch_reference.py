@@ -397,3 +397,51 @@ def attention(cfg, options: dict, folder: Path, repeats: int) -> dict:
 
     result, out = _measure(step, repeats)
     return _compare(result, folder, _channels_last(out).transpose(0, 2, 1, 3))
+
+
+def wan_transformer_reference(f: int, h: int, w: int, repeats: int, median) -> dict:
+    """diffusers' Wan2.2-TI2V-5B edit transformer on the GPU (bf16, random weights): forward, a 2-way guided step,
+    fwd+bwd with gradient checkpointing; the reference side of `python -m insvie_jax.bench.wan torch`."""
+    import diffusers
+    import torch
+
+    from insvie_jax.convert import wan_keys
+    from insvie_jax.models.wan.config import WanModelConfig
+
+    tokens = f * (h // 2) * (w // 2)
+    kwargs = {k: v for k, v in wan_keys.diffusers_config(WanModelConfig()).items() if not k.startswith("_")}
+    with torch.device("cuda"):
+        model = diffusers.WanTransformer3DModel(**kwargs).to(torch.bfloat16)
+    rows = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "diffusers": diffusers.__version__}
+
+    def inputs(batch):
+        x = torch.randn(batch, 96, f, h, w, device="cuda", dtype=torch.bfloat16)
+        text = torch.randn(batch, 512, 4096, device="cuda", dtype=torch.bfloat16)
+        return x, torch.full((batch, tokens), 500.0, device="cuda"), text
+
+    def sync(_):
+        torch.cuda.synchronize()
+
+    def peak():
+        return torch.cuda.max_memory_allocated() / 2**30
+
+    model.eval()
+    with torch.no_grad():
+        for batch, name in ((1, "forward"), (2, "guided_step")):
+            x, t, text = inputs(batch)
+            torch.cuda.reset_peak_memory_stats()
+            rows[name] = median(lambda: model(x, t, text, return_dict=False)[0], sync, repeats)
+            rows[name]["peak_gib"] = peak()
+    model.train()
+    model.enable_gradient_checkpointing()
+    x, t, text = inputs(1)
+
+    def fwdbwd():
+        model.zero_grad(set_to_none=True)
+        out = model(x, t, text, return_dict=False)[0]
+        out.float().square().mean().backward()
+
+    torch.cuda.reset_peak_memory_stats()
+    rows["fwdbwd_checkpointing"] = median(fwdbwd, sync, repeats)
+    rows["fwdbwd_checkpointing"]["peak_gib"] = peak()
+    return rows
