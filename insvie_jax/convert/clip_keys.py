@@ -14,6 +14,7 @@ from pathlib import Path
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so safetensors' numpy API reads BF16 files)
 import numpy as np
 
+from insvie_jax.convert.files import read_safetensors
 from insvie_jax.models import clip
 from insvie_jax.models.params import module_from_flat
 
@@ -69,8 +70,6 @@ def _folder(path: str | Path) -> Path:
 
 def load_clip(path: str | Path) -> tuple[clip.ClipModel, clip.ClipConfig]:
     """Our `ClipModel` (float32) from a Hugging Face `CLIPModel` folder (single or sharded safetensors)."""
-    from safetensors import safe_open
-
     folder = _folder(path)
     hf = json.loads((folder / "config.json").read_text())
     if hf.get("model_type", "clip") != "clip":
@@ -81,8 +80,7 @@ def load_clip(path: str | Path) -> tuple[clip.ClipModel, clip.ClipConfig]:
         raise FileNotFoundError(f"no *.safetensors in {folder}: save the CLIP model with safe_serialization=True")
     state = {}
     for file in files:
-        with safe_open(file, framework="numpy") as handle:
-            state.update({key: handle.get_tensor(key) for key in handle.keys()})
+        state.update(read_safetensors(file))
     return module_from_flat(clip.abstract(cfg), clip_from_hf(state), f"CLIP checkpoint {folder}"), cfg
 
 

@@ -175,8 +175,6 @@ def _folder(path: Path) -> Path:
 def read_diffusers(path: str | Path) -> tuple[dict[str, np.ndarray], WanModelConfig]:
     """(flat params, config) of a diffusers Wan transformer folder (or a pipeline folder's `transformer/`); a
     text-to-video / TI2V checkpoint becomes the edit model by `edit_from_t2v`."""
-    from safetensors import safe_open
-
     path = _folder(Path(path))
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json: expected a diffusers WanTransformer3DModel folder")
@@ -186,9 +184,7 @@ def read_diffusers(path: str | Path) -> tuple[dict[str, np.ndarray], WanModelCon
     cfg, is_edit = config_from_diffusers(config)
     sd = {}
     for name in files.safetensors_files(path, WEIGHTS):
-        with safe_open(path / name, framework="numpy") as f:
-            for key in f.keys():
-                sd[key] = f.get_tensor(key)
+        sd.update(files.read_safetensors(path / name))
     if not is_edit:
         sd = edit_from_t2v(sd, cfg)
     expected = set(transformer_to_diffusers(_zeros(cfg), cfg))

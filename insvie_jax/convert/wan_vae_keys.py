@@ -149,8 +149,6 @@ def vae_folder(path: str | Path) -> Path:
 def read_diffusers_folder(path: str | Path, progress: Progress = quiet) -> tuple[dict[str, np.ndarray], dict]:
     """A diffusers Wan `vae/` folder (or a pipeline folder holding one) -> (state dict as numpy, config.json).
     Needs no torch."""
-    from safetensors import safe_open
-
     path = vae_folder(path)
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -164,9 +162,7 @@ def read_diffusers_folder(path: str | Path, progress: Progress = quiet) -> tuple
         raise FileNotFoundError(f"{path}: missing {missing} (only safetensors weights are read)")
     sd = {}
     for name in names:
-        with safe_open(path / name, framework="numpy") as f:
-            for key in progress(list(f.keys()), f"read {name}"):
-                sd[key] = f.get_tensor(key)
+        sd.update(files.read_safetensors(path / name, progress))
     return sd, config
 
 

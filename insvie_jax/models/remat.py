@@ -1,11 +1,12 @@
 """Running a stack of layers: one `lax.scan` over their stacked parameters (or a Python loop), each layer under
-the config's remat policy. Shared by every transformer family."""
+a remat policy. Shared by the transformers and text encoders of every family."""
 
 from __future__ import annotations
 
 from typing import Callable
 
 import jax
+import jax.ad_checkpoint  # not loaded by `import jax` alone
 from flax import nnx
 
 # The layer scan saves each layer's bf16 input (its only large residual under these policies). The `*_offload`
@@ -51,9 +52,10 @@ POLICIES = {
 }
 
 
-def run_layers(blocks: nnx.Module, x: jax.Array, apply: Callable, cfg) -> jax.Array:
-    """`x` through the layers of `blocks` (an NNX module whose parameters carry a leading layer axis), each as
-    `apply(block, x) -> x`; `cfg` gives `remat_policy`, `scan_layers` and `num_layers`.
+def run_layers(blocks: nnx.Module, x: jax.Array, apply: Callable, num_layers: int, scan: bool,
+               remat_policy: str = "none") -> jax.Array:
+    """`x` through the `num_layers` layers of `blocks` (an NNX module whose parameters carry a leading layer
+    axis), each as `apply(block, x) -> x`, under one `lax.scan` (or a Python loop) and `remat_policy`.
 
     The block is rebuilt from its parameter slice inside the loop body, which keeps this a plain JAX function
     that any outer transform (grad, jit, shard_map) can trace; scanned, 30-42 layers compile as one."""
@@ -64,11 +66,11 @@ def run_layers(blocks: nnx.Module, x: jax.Array, apply: Callable, cfg) -> jax.Ar
         x = jax.ad_checkpoint.checkpoint_name(x, _LAYER_INPUT)
         return apply(nnx.merge(graphdef, layer_state), x), None
 
-    if cfg.remat_policy != "none":
-        block_fn = jax.checkpoint(block_fn, policy=POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
-    if cfg.scan_layers:
+    if remat_policy != "none":
+        block_fn = jax.checkpoint(block_fn, policy=POLICIES[remat_policy], prevent_cse=not scan)
+    if scan:
         x, _ = jax.lax.scan(block_fn, x, state)
     else:
-        for i in range(cfg.num_layers):
+        for i in range(num_layers):
             x, _ = block_fn(x, jax.tree.map(lambda a, i=i: a[i], state))
     return x

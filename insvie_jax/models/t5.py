@@ -20,6 +20,7 @@ from flax import nnx
 
 from insvie_jax.config import TextEncoderConfig
 from insvie_jax.models.layers import Dense, param
+from insvie_jax.models.remat import run_layers
 from insvie_jax.parallel.sharding import constrain
 
 PAD_ID = 0
@@ -153,16 +154,8 @@ class T5Encoder(nnx.Module):
         position_bias = self.position_bias(input_ids.shape[1])
         mask = None if attention_mask is None else jnp.asarray(attention_mask).astype(bool)[:, None, None, :]
 
-        graphdef, state = nnx.split(self.blocks)
-
-        def block_fn(x, layer_state):
-            return nnx.merge(graphdef, layer_state)(x, position_bias, mask), None
-
-        if cfg.scan_layers:
-            x, _ = jax.lax.scan(block_fn, x, state)
-        else:
-            for i in range(cfg.num_layers):
-                x, _ = block_fn(x, jax.tree.map(lambda a, i=i: a[i], state))
+        x = run_layers(self.blocks, x, lambda block, x: block(x, position_bias, mask), cfg.num_layers,
+                       cfg.scan_layers)
         return self.final_norm(x)
 
 

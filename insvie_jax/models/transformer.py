@@ -219,7 +219,8 @@ class EditTransformer(nnx.Module):
             rope = positions
         x = constrain(jnp.concatenate([text_tokens, video_tokens], axis=1), ("batch", "length", "embed"))
 
-        x = run_layers(self.blocks, x, lambda block, x: block(x, temb, text_length, rope), cfg)
+        x = run_layers(self.blocks, x, lambda block, x: block(x, temb, text_length, rope), cfg.num_layers,
+                       cfg.scan_layers, cfg.remat_policy)
 
         video = self.norm_final(x[:, text_length:])
         video = self.proj_out(self.norm_out(video, temb))

@@ -8,7 +8,6 @@ Wan encodes 512 tokens with the padding mask and zeroes the states past each pro
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -16,6 +15,7 @@ from insvie_jax.config import TextEncoderConfig
 from insvie_jax.models import t5
 from insvie_jax.models.layers import param
 from insvie_jax.models.params import count_params  # noqa: F401 - part of this module's API
+from insvie_jax.models.remat import run_layers
 from insvie_jax.parallel.sharding import constrain
 
 
@@ -67,16 +67,7 @@ class UMT5Encoder(nnx.Module):
                                                            cfg.relative_attention_max_distance))
         mask = None if attention_mask is None else jnp.asarray(attention_mask).astype(bool)[:, None, None, :]
 
-        graphdef, state = nnx.split(self.blocks)
-
-        def block_fn(x, layer_state):
-            return nnx.merge(graphdef, layer_state)(x, buckets, mask), None
-
-        if cfg.scan_layers:
-            x, _ = jax.lax.scan(block_fn, x, state)
-        else:
-            for i in range(cfg.num_layers):
-                x, _ = block_fn(x, jax.tree.map(lambda a, i=i: a[i], state))
+        x = run_layers(self.blocks, x, lambda block, x: block(x, buckets, mask), cfg.num_layers, cfg.scan_layers)
         return self.final_norm(x)
 
 

@@ -250,7 +250,8 @@ class WanEditTransformer(nnx.Module):
         text = constrain(self.text_embedding(text.astype(dt)), ("batch", None, "embed"))
         rope = rope_tables(cfg, gf, gh, gw)
 
-        x = run_layers(self.blocks, x, lambda block, x: block(x, text, temb_proj, rope), cfg)
+        x = run_layers(self.blocks, x, lambda block, x: block(x, text, temb_proj, rope), cfg.num_layers,
+                       cfg.scan_layers, cfg.remat_policy)
 
         # The final modulation uses temb itself (not its projection), with its own (shift, scale) table.
         mod = self.scale_shift_table[...].astype(jnp.float32) + temb[:, :, None, :]
