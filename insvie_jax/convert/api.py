@@ -25,9 +25,11 @@ import yaml
 from insvie_jax import config as config_lib
 from insvie_jax.config import ModelConfig
 from insvie_jax.convert import diffusers_keys, files, sat, sat_keys
+from insvie_jax.convert import sat_config as sat_configs
 from insvie_jax.convert.files import Progress
 from insvie_jax.convert.files import quiet as _quiet
 from insvie_jax.convert.sat import NotACheckpoint
+from insvie_jax.convert.sat_config import SatFormatError
 from insvie_jax.models import lora as lora_lib
 from insvie_jax.models import transformer as tr
 from insvie_jax.models.params import ParamMismatch, check_params, flat_params, module_from_flat, param_shapes
@@ -118,9 +120,9 @@ def _read_sat(path: Path, sat_config, merge_lora: bool, progress: Progress):
     if "mixins.patch_embed.proj_edit.weight" not in sd and f"{sat_keys.T2V_PROJ}.weight" in sd:
         sd = {**sd, **{f"mixins.patch_embed.proj_edit.{k}": sd[f"{sat_keys.T2V_PROJ}.{k}"] for k in ("weight", "bias")}}
     try:
-        cfg = sat_keys.infer_config(sd, sat_config)
-    except sat_keys.SatFormatError as err:
-        raise sat_keys.SatFormatError(f"{path}: {err}") from None
+        cfg = sat_configs.infer_config(sd, sat_config)
+    except SatFormatError as err:
+        raise SatFormatError(f"{path}: {err}") from None
     sd = sat_keys.loadable_keys(sd)
     # The 16-channel `proj` is dead weight in the edit model (and absent from a 5B-style file): not checked.
     expected = sat_keys.sat_shapes(cfg)
@@ -139,7 +141,7 @@ def _read_sat(path: Path, sat_config, merge_lora: bool, progress: Progress):
     if adapters:
         lora_flat, rank, targets = sat_keys.lora_to_flat(adapters, cfg)
         if yaml_rank is not None and yaml_rank != rank:
-            raise sat_keys.SatFormatError(f"{path}: the adapters have rank {rank} but the SAT yaml's "
+            raise SatFormatError(f"{path}: the adapters have rank {rank} but the SAT yaml's "
                                           f"lora_config says r={yaml_rank}")
         lora = SatLora(lora_flat, rank, alpha, targets)
     return _edit_from_t2v(flat, cfg), cfg, lora
@@ -148,8 +150,8 @@ def _read_sat(path: Path, sat_config, merge_lora: bool, progress: Progress):
 def _sat_as_flat_shapes(found: dict[str, tuple]) -> dict[str, tuple] | None:
     """Our parameter shapes for a SAT file's tensors (for the preset hint), when its own sizes are consistent."""
     try:
-        return param_shapes(tr.abstract(sat_keys.shape_config(found)))
-    except (sat_keys.SatFormatError, ValueError, ZeroDivisionError):
+        return param_shapes(tr.abstract(sat_configs.shape_config(found)))
+    except (SatFormatError, ValueError, ZeroDivisionError):
         return None
 
 
