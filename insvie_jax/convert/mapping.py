@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable, Sequence
 
 import numpy as np
+
+from insvie_jax.convert.sat import ConvertError
 
 Arrays = list[np.ndarray]
 
@@ -26,19 +29,25 @@ class Hook:
     to_theirs: Callable[[Arrays], Arrays]
 
 
-def _one(to_ours: Callable, to_theirs: Callable) -> Hook:
-    """A hook between one of their tensors and one of ours: `to_ours(w, shape)`, `to_theirs(a)`."""
-    return Hook(lambda ws, shapes: [to_ours(ws[0], shapes[0])], lambda arrays: [to_theirs(arrays[0])])
+def _one(to_ours: Callable, to_theirs: Callable, reshape: bool = True) -> Hook:
+    """A hook between one of their tensors and one of ours: `to_ours(w)` (then reshaped to our shape when it is
+    known and `reshape`: heads split out), `to_theirs(a)`."""
+
+    def ours(ws, shapes):
+        a = to_ours(ws[0])
+        return [a.reshape(shapes[0]) if reshape and shapes[0] is not None else a]
+
+    return Hook(ours, lambda arrays: [to_theirs(arrays[0])])
 
 
-SAME = _one(lambda w, shape: w.reshape(shape), lambda a: a)
-VECTOR = _one(lambda w, shape: w.reshape(shape), lambda a: a.reshape(-1))  # biases and norms (heads split out)
-TABLE = _one(lambda w, shape: w.reshape(shape), lambda a: a[None])  # a (1, k, D) table, ours (k, D)
+SAME = _one(lambda w: w, lambda a: a)
+VECTOR = _one(lambda w: w, lambda a: a.reshape(-1))  # biases and norms (heads split out on our side)
+TABLE = _one(lambda w: w[0], lambda a: a[None])  # a (1, k, D) table, ours (k, D)
 
 
 def linear(n_in: int = 1) -> Hook:
     """A PyTorch Linear weight (out, in) whose input spans our first `n_in` kernel axes."""
-    return _one(lambda w, shape: w.T.reshape(shape), lambda a: a.reshape(math.prod(a.shape[:n_in]), -1).T)
+    return _one(lambda w: w.T, lambda a: a.reshape(math.prod(a.shape[:n_in]), -1).T)
 
 
 LINEAR = linear(1)
@@ -48,18 +57,21 @@ def transpose(perm: Sequence[int]) -> Hook:
     """A convolution kernel: PyTorch (out, in, *window) -> ours (*window, in, out) by `perm` (not reshaped: a
     text-to-video patch kernel keeps its channel count until the edit model's init widens it)."""
     inverse = tuple(int(i) for i in np.argsort(perm))
-    return _one(lambda w, shape: w.transpose(perm), lambda a: a.transpose(inverse))
+    return _one(lambda w: w.transpose(perm), lambda a: a.transpose(inverse), reshape=False)
+
+
+CONV2D = transpose((2, 3, 1, 0))
+CONV3D = transpose((2, 3, 4, 1, 0))
 
 
 def pointwise(window: int) -> Hook:
     """A 1x..x1 convolution (out, in, 1, ...) -> our (in, out) matrix."""
-    return _one(lambda w, shape: w.reshape(w.shape[:2]).T.reshape(shape),
-                lambda a: a.T.reshape(*a.T.shape, *(1,) * window))
+    return _one(lambda w: w.reshape(w.shape[:2]).T, lambda a: a.T.reshape(*a.T.shape, *(1,) * window))
 
 
 def squeeze(window: int) -> Hook:
     """A norm weight stored with trailing unit axes (C, 1, ...) -> ours (C,)."""
-    return _one(lambda w, shape: w.reshape(shape), lambda a: a.reshape(-1, *(1,) * window))
+    return _one(lambda w: w.reshape(-1), lambda a: a.reshape(-1, *(1,) * window))
 
 
 def fused(part: Hook, axis: int = 1) -> Hook:
@@ -119,6 +131,24 @@ def rule(ours: str | Sequence[str], theirs: str | Sequence[str], hook: Hook = SA
                 tuple(theirs), hook)
 
 
+def by_pattern(names, rows, ours: bool) -> list[Rule]:
+    """One rule per tensor name (ours when `ours`, else theirs) through the first fitting row of a pattern table
+    `(module regex, their suffix, our suffix, hook)`: a name fits a row when it ends in the row's suffix and the
+    module path before it matches the regex. For models whose every layer has its own names (the VAEs)."""
+    side, other = (2, 1) if ours else (1, 2)
+    out = []
+    for name in names:
+        for row in rows:
+            suffix = row[side]
+            if name.endswith(suffix) and re.search(row[0], name[: -len(suffix)]):
+                converted = name[: -len(suffix)] + row[other]
+                out.append(rule(name, converted, row[3]) if ours else rule(converted, name, row[3]))
+                break
+        else:
+            raise ConvertError(f"tensor {name!r} fits no rule of this format: not a checkpoint of this model")
+    return out
+
+
 def rename(rules: Sequence[Rule], name: Callable[[str], str]) -> list[Rule]:
     """The same rules with their names passed through `name` (a format that only renames another's tensors)."""
     return [dataclasses.replace(r, theirs=tuple(name(t) for t in r.theirs)) for r in rules]
@@ -132,9 +162,10 @@ def _layer_names(r: Rule, i: int | None) -> list[str]:
     return [t.format(i=i) for t in r.theirs] if i is not None else list(r.theirs)
 
 
-def to_ours(rules: Sequence[Rule], read: Callable[[str], np.ndarray] | dict, shapes: dict[str, tuple],
+def to_ours(rules: Sequence[Rule], read: Callable[[str], np.ndarray] | dict, shapes: dict[str, tuple] | None,
             dtype=None, progress=lambda it, desc: it) -> dict[str, np.ndarray]:
-    """Our flat params (of `shapes`) from their tensors (`read(name)` or a state dict); `dtype`: cast to."""
+    """Our flat params (of `shapes`; None: as the hooks lay them out) from their tensors (`read(name)` or a state
+    dict); `dtype`: cast to."""
     read = read.__getitem__ if isinstance(read, dict) else read
     out = {}
     for r in progress(list(rules), "convert"):
@@ -145,7 +176,7 @@ def to_ours(rules: Sequence[Rule], read: Callable[[str], np.ndarray] | dict, sha
 def convert_rule(r: Rule, read: Callable[[str], np.ndarray], shapes: dict[str, tuple], dtype=None,
                  index: tuple | None = None) -> dict[str, np.ndarray]:
     """Our tensors of one rule; `index`: only that block of each (one device's share), converted layer by layer."""
-    our_shapes = [tuple(shapes[name]) for name in r.ours]
+    our_shapes = [tuple(shapes[name]) if shapes is not None else None for name in r.ours]
     if not r.per_layer:
         arrays = r.hook.to_ours([np.asarray(read(t)) for t in r.theirs], our_shapes)
         return {name: np.ascontiguousarray(a[index or ...], dtype) for name, a in zip(r.ours, arrays)}
@@ -179,6 +210,16 @@ def their_shapes(rules: Sequence[Rule], our_shapes: dict[str, tuple]) -> dict[st
     return {k: tuple(v.shape) for k, v in to_theirs(rules, zeros, contiguous=False).items()}
 
 
-def covered(rules: Sequence[Rule]) -> set[str]:
-    """Our parameter names the rules produce."""
-    return {name for r in rules for name in r.ours}
+def check_theirs(expected: dict[str, tuple], sd: dict, what: str) -> None:
+    """Names the missing and unexpected tensors of a state dict, else (on one line) those of the wrong shape."""
+    from insvie_jax.models.params import ParamMismatch
+
+    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise ParamMismatch(f"{what} does not fit its config.json:\nmissing ({len(missing)}): {', '.join(missing[:20])}"
+                            f"\nunexpected ({len(unexpected)}): {', '.join(unexpected[:20])}")
+    wrong = [f"{k}: expected {tuple(expected[k])}, found {tuple(sd[k].shape)}" for k in sorted(sd)
+             if tuple(sd[k].shape) != tuple(expected[k])]
+    if wrong:
+        raise ParamMismatch(f"{what}: {len(wrong)} tensor(s) do not have the shape its config.json gives: "
+                            f"{'; '.join(wrong[:5])}")
