@@ -19,6 +19,7 @@ from insvie_jax.convert.sat import NotACheckpoint
 from insvie_jax.models import transformer as tr
 from insvie_jax.models.params import param_shapes
 
+
 def _linear_pair(ours: str, theirs: str) -> list[Rule]:
     return [rule(f"{ours}.kernel", f"{theirs}.weight", LINEAR), rule(f"{ours}.bias", f"{theirs}.bias", VECTOR)]
 

@@ -1,11 +1,11 @@
 """The codec registry: every (model, format) checkpoint layout this package reads and writes, and the one
 driver through which all of them are detected, read and written (and the `convert` command's choices).
 
-A codec is a row of `CODECS`: the model, the format and a cheap `detect(path)` (file names and config.json
-only, no weights read); the model's module (`MODELS`) holds `read_<format>(path, options)` and
+A codec is a row of `CODECS`: the model, the format and a cheap `detect(path)` (file names, config.json and
+tensor names only); the model's module (`MODELS`) holds `read_<format>(path, options)` and
 `write_<format>(flat, cfg, folder, options)`, which go through the format's key mapping table (convert/mapping.py).
-Adding a format is that table, the function pair, and one row here. Every model has the `native` format (config.json + orbax
-`params/`), handled here for all.
+Adding a format is that table, the function pair, and one row here. The `native` format (config.json + orbax
+`params/`) is handled here for every model that has it.
 
 This module stays light (no jax): the CLI reads its names to build the parser; a codec's module is imported
 when the codec is used. Writes go to a temporary sibling renamed into place at the end (`files.staged`), so an
@@ -24,7 +24,6 @@ from typing import Any
 from insvie_jax.convert import files, sat
 from insvie_jax.convert.files import Progress, quiet
 from insvie_jax.convert.sat import ConvertError, NotACheckpoint
-
 
 DTYPE_NAMES = tuple(files.DTYPES)
 
@@ -126,8 +125,9 @@ def _cogvideox_diffusers(path: Path) -> bool:
     for folder in (path, path / "transformer"):
         if _config(folder).get("_class_name") == "CogVideoXTransformer3DModel":
             return True
+        weights = (files.DIFFUSERS_WEIGHTS, files.DIFFUSERS_WEIGHTS + ".index.json")
         if (folder / "config.json").is_file() and "_class_name" not in _config(folder) and any(
-                (folder / name).is_file() for name in (files.DIFFUSERS_WEIGHTS, files.DIFFUSERS_WEIGHTS + ".index.json")):
+                (folder / name).is_file() for name in weights):
             return True
     return False
 

@@ -24,8 +24,8 @@ from jax.sharding import Mesh, NamedSharding, Sharding
 from insvie_jax import config as config_lib
 from insvie_jax.config import MeshConfig, TextEncoderConfig
 from insvie_jax.convert import files, mapping, registry
-from insvie_jax.convert.mapping import LINEAR, VECTOR, fused, linear, rule
 from insvie_jax.convert.files import Progress, quiet
+from insvie_jax.convert.mapping import LINEAR, VECTOR, fused, linear, rule
 from insvie_jax.convert.sat import NotACheckpoint
 from insvie_jax.models import t5
 from insvie_jax.models.params import check_params, flat_params

@@ -17,6 +17,7 @@ import numpy as np
 from insvie_jax.config import TextEncoderConfig
 from insvie_jax.convert import files, mapping, registry, t5_keys
 from insvie_jax.convert.mapping import rule
+from insvie_jax.convert.sat import NotACheckpoint
 from insvie_jax.convert.t5_keys import _ATTN, EMBED_KEY, SHARED_KEY
 from insvie_jax.models import umt5
 from insvie_jax.models.params import check_params, module_from_flat, param_shapes
@@ -63,7 +64,7 @@ def read_umt5(path: str | Path, config: TextEncoderConfig | None = None,
     folder = t5_keys._model_folder(path)
     hf = json.loads((folder / "config.json").read_text())
     if hf.get("model_type") != "umt5":
-        raise ValueError(f"{folder}/config.json has model_type={hf.get('model_type')!r}, not 'umt5': "
+        raise NotACheckpoint(f"{folder}/config.json has model_type={hf.get('model_type')!r}, not 'umt5': "
                          "load T5 v1.1 checkpoints with t5_keys.load_t5")
     cfg = dataclasses.replace(t5_keys.config_from_hf(hf, config or umt5.umt5_xxl_config()), path=str(path))
     value = t5_keys._hf_values(folder, RULES, hf_shapes(cfg), f"UMT5 checkpoint {folder}", _our_shapes(cfg))

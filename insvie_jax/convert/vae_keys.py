@@ -27,8 +27,8 @@ import numpy as np
 from insvie_jax import config as config_lib
 from insvie_jax.config import VAEConfig
 from insvie_jax.convert import files, mapping, registry, sat
-from insvie_jax.convert.mapping import CONV2D, CONV3D, VECTOR, pointwise
 from insvie_jax.convert.files import Progress, quiet
+from insvie_jax.convert.mapping import CONV2D, CONV3D, VECTOR, pointwise
 from insvie_jax.convert.sat import NotACheckpoint
 from insvie_jax.models import vae as vae_model
 from insvie_jax.models.params import check_params, flat_params, module_from_flat, param_shapes

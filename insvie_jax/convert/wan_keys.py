@@ -1,7 +1,8 @@
 """Wan transformer parameters: diffusers `WanTransformer3DModel` state dict <-> our flat params, and folders.
 
 One table (`_TOP`, `_LAYER`) names every parameter on both sides with the layout rule between them; both
-directions read it (convert/mapping.py). Pure numpy (no torch): a diffusers folder (config.json + safetensors, sharded with an
+directions read it (convert/mapping.py).
+Pure numpy (no torch): a diffusers folder (config.json + safetensors, sharded with an
 index when large, or a pipeline folder with `transformer/`) loads without PyTorch, and what `save_wan` writes
 `WanTransformer3DModel.from_pretrained` loads. PyTorch layouts: Linear weight (out, in), Conv3d weight
 (out, in, kt, kh, kw). Ours: kernels (in..., out...), patch kernel (kt, kh, kw, in, out), heads split out
@@ -18,6 +19,7 @@ import numpy as np
 
 from insvie_jax.convert import files, mapping, registry
 from insvie_jax.convert.mapping import CONV3D, LINEAR, TABLE, VECTOR, linear, rule
+from insvie_jax.convert.sat import NotACheckpoint
 from insvie_jax.models.params import check_params, flat_params, module_from_flat, param_shapes
 from insvie_jax.models.wan import transformer as wan
 from insvie_jax.models.wan.config import WanModelConfig
@@ -114,13 +116,13 @@ def config_from_diffusers(config: dict, base: WanModelConfig | None = None) -> t
     2 * out_channels; a text-to-video one (in = out) gives the same WanModelConfig with is_edit False."""
     for key, want in _FIXED.items():
         if config.get(key, want) != want:
-            raise ValueError(f"diffusers Wan config {key}={config[key]!r} is not supported (only {want!r})")
+            raise NotACheckpoint(f"diffusers Wan config {key}={config[key]!r} is not supported (only {want!r})")
     base = base or WanModelConfig()
     defaults = diffusers_config(base)
     get = lambda key: config.get(key, defaults[key])  # noqa: E731
     in_channels, out_channels = get("in_channels"), get("out_channels") or get("in_channels")
     if in_channels not in (out_channels, 2 * out_channels):
-        raise ValueError(f"diffusers Wan config in_channels={in_channels}: expected out_channels ({out_channels}, "
+        raise NotACheckpoint(f"diffusers Wan config in_channels={in_channels}: expected out_channels ({out_channels}, "
                          f"text-to-video) or twice it (editing)")
     cfg = dataclasses.replace(
         base, patch_size=list(get("patch_size")), num_attention_heads=get("num_attention_heads"),
@@ -153,7 +155,7 @@ def read_diffusers(path: str | Path, options=None) -> tuple[dict[str, np.ndarray
         raise FileNotFoundError(f"{path} has no config.json: expected a diffusers WanTransformer3DModel folder")
     config = json.loads((path / "config.json").read_text())
     if config.get("_class_name", CLASS_NAME) != CLASS_NAME:
-        raise ValueError(f"{path}/config.json describes a {config['_class_name']}, not a {CLASS_NAME}")
+        raise NotACheckpoint(f"{path}/config.json describes a {config['_class_name']}, not a {CLASS_NAME}")
     cfg, is_edit = config_from_diffusers(config)
     sd = files.read_folder(path, WEIGHTS, options.progress if options else files.quiet)
     if not is_edit:

@@ -20,6 +20,7 @@ import numpy as np
 
 from insvie_jax.convert import files, mapping
 from insvie_jax.convert.mapping import rule
+from insvie_jax.convert.sat import NotACheckpoint
 
 WEIGHTS = "pytorch_lora_weights.safetensors"  # the name diffusers' `load_lora_weights(folder)` looks for
 COMFYUI_WEIGHTS = "wan_lora_comfyui.safetensors"
@@ -40,7 +41,8 @@ _NAMES = {
 def rules(layout: str, pairs) -> list[mapping.Rule]:
     """The key mapping of `layout` for the adapted (owner, projection) pairs: our `owner.proj.lora_A` (layers,
     rank, in) and `lora_B` (layers, out, rank), one tensor per layer in the file."""
-    return [rule(f"{owner}.{proj}.lora_{ab}", f"{_PREFIX[layout]}blocks.{{i}}.{_NAMES[layout][owner, proj]}.lora_{ab}.weight")
+    return [rule(f"{owner}.{proj}.lora_{ab}",
+                 f"{_PREFIX[layout]}blocks.{{i}}.{_NAMES[layout][owner, proj]}.lora_{ab}.weight")
             for owner, proj in pairs for ab in "AB"]
 
 
@@ -165,7 +167,10 @@ def layout_of(path: Path) -> str | None:
 
 
 def _read(path: Path, options, layout: str):
-    found = _parse(files.read_safetensors(_file(path, layout), options.progress))
+    try:
+        found = _parse(files.read_safetensors(_file(path, layout), options.progress))
+    except ValueError as err:  # names the key that fits no adapted projection
+        raise NotACheckpoint(f"{_file(path, layout)}: {err}") from None
     flat = {}
     for (owner, proj), layers in found.items():
         for ab in "AB":
@@ -190,7 +195,7 @@ def check(flat: dict[str, np.ndarray], cfg, what: str) -> None:
         if key.endswith(".lora_A"):
             b = flat.get(key[:-1] + "B")
             if b is None or b.shape[0] != a.shape[0] or b.shape[2] != a.shape[1]:
-                raise ValueError(f"{what}: '{key[:-7]}' needs lora_A and lora_B of one rank for every layer")
+                raise NotACheckpoint(f"{what}: '{key[:-7]}' needs lora_A and lora_B of one rank for every layer")
 
 
 def read_diffusers(path: Path, options):

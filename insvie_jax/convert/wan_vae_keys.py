@@ -19,8 +19,8 @@ import numpy as np
 
 from insvie_jax.config import WanVAEConfig
 from insvie_jax.convert import files, mapping, registry
-from insvie_jax.convert.mapping import CONV2D, CONV3D, VECTOR, pointwise, squeeze
 from insvie_jax.convert.files import Progress, quiet
+from insvie_jax.convert.mapping import CONV2D, CONV3D, VECTOR, pointwise, squeeze
 from insvie_jax.convert.sat import NotACheckpoint
 from insvie_jax.models.params import check_params, flat_params, module_from_flat, param_shapes
 from insvie_jax.models.wan import vae as wan_vae
@@ -99,7 +99,7 @@ def vae_config_from_diffusers(config: dict, base: WanVAEConfig | None = None) ->
     if config.get("is_residual") is not True:
         wrong["is_residual"] = config.get("is_residual", False)
     if wrong:
-        raise ValueError(f"unsupported AutoencoderKLWan config {wrong}: only the Wan2.2 residual VAE is implemented "
+        raise NotACheckpoint(f"unsupported AutoencoderKLWan config {wrong}: only the Wan2.2 residual VAE is implemented "
                          f"(expected {({k: expected[k] for k in wrong})})")
     return cfg
 
