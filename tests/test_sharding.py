@@ -4,6 +4,8 @@ Meshes (data, fsdp, tensor, context) = (8,1,1,1), (2,2,2,1), (1,2,2,2): the loss
 parameters after two steps match a one-device run to LOSS_TOL / PARAM_TOL (max abs difference).
 """
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -90,9 +92,7 @@ def test_stratified_timesteps_cover_each_groups_share():
 
 def test_mesh_sizes_are_checked_with_clear_errors():
     cfg = configlib.load("tiny")
-    cfg.mesh.ici_data, cfg.mesh.ici_fsdp = -1, 3
     with pytest.raises(configlib.ConfigError, match="must divide 8"):
-        meshlib.create_mesh(cfg.mesh)
-    cfg.mesh.ici_data, cfg.mesh.ici_fsdp = -1, -1
+        meshlib.create_mesh(dataclasses.replace(cfg.mesh, ici_data=-1, ici_fsdp=3))
     with pytest.raises(configlib.ConfigError, match="at most one"):
-        meshlib.create_mesh(cfg.mesh)
+        meshlib.create_mesh(dataclasses.replace(cfg.mesh, ici_data=-1, ici_fsdp=-1))
