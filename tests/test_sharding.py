@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 
 from insvie_jax import config as configlib
+from insvie_jax.convert.models import load_training_models
 from insvie_jax.config import latent_shape
 from insvie_jax.data.synthetic import SyntheticTriplets
 from insvie_jax.parallel import mesh as meshlib
 from insvie_jax.parallel.sharding import fit_spec, logical_to_spec
 from insvie_jax.train import step as steplib
+from insvie_jax.train.state import TrainState
 
 LOSS_TOL = 1e-5
 PARAM_TOL = 1e-5
@@ -34,8 +36,9 @@ def _mesh_config(cfg, data, fsdp, tensor, context):
 
 def _run(cfg, mesh, groups, steps=2):
     optimizer = steplib.make_optimizer(cfg)
-    graphdef, state, frozen, state_sh, frozen_sh = steplib.init_state(cfg, mesh, optimizer)
-    step_fn = steplib.make_train_step(cfg, graphdef, optimizer, mesh, state_sh, frozen_sh, groups)
+    train_state = TrainState.init(cfg, mesh, optimizer, load_training_models(cfg))
+    graphdef, state, frozen = train_state.graphdef, train_state.variables, train_state.frozen
+    step_fn = steplib.make_train_step(cfg, train_state, optimizer, mesh, groups)
     data = SyntheticTriplets(cfg.data.batch_size, latent_shape(cfg), cfg.model.text_length, cfg.model.text_embed_dim)
     losses = []
     for i in range(steps):
