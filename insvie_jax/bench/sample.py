@@ -12,6 +12,7 @@ import numpy as np
 from insvie_jax.bench.timing import Prepared
 from insvie_jax.bench.transformer import inference_config, transformer_inputs
 from insvie_jax.config import latent_shape
+from insvie_jax.convert.models import build_transformer
 from insvie_jax.models import transformer
 from insvie_jax.models.params import flat_params
 from insvie_jax.sample import loop
@@ -19,7 +20,7 @@ from insvie_jax.sample import loop
 
 def edit(cfg, options: dict) -> Prepared:
     cfg = inference_config(cfg)
-    model = transformer.build(cfg.model)
+    model = build_transformer(cfg.model, seed=0)
     inputs = transformer_inputs(cfg, model)
     source = jnp.asarray(inputs["source"])
     text = jnp.asarray(inputs["text"], cfg.model.dtype)

@@ -11,6 +11,7 @@ from flax import nnx
 
 from insvie_jax.bench.timing import Prepared
 from insvie_jax.config import latent_shape
+from insvie_jax.convert.models import build_transformer
 from insvie_jax.models import transformer
 from insvie_jax.models.attention import attention as attention_fn
 from insvie_jax.models.params import flat_params
@@ -55,7 +56,7 @@ def _flops(cfg, batch: int) -> float:
 def forward(cfg, options: dict) -> Prepared:
     """One forward pass, batch 1, weights in the compute dtype."""
     cfg = cfg if options.get("keep_param_dtype") else inference_config(cfg)
-    model = transformer.build(cfg.model)
+    model = build_transformer(cfg.model, seed=0)
     graphdef, params = nnx.split(model)
     inputs = transformer_inputs(cfg, model)
     batch = _device_inputs(inputs, cfg.model.dtype)
@@ -88,10 +89,10 @@ def loss_and_grads(graphdef):
 def forward_backward(cfg, options: dict) -> Prepared:
     """Loss and gradients of the trained parameters (all, or LoRA adapters + `lora.also_train`), the
     parameters in model.param_dtype (bf16 in this workload, as the reference), batch 1."""
-    from insvie_jax.train import step as steplib
+    from insvie_jax.train import state as statelib
 
-    model = steplib.build_model(cfg, load=False)
-    graphdef, trainable, frozen = steplib.split_model(model, cfg)
+    model = statelib.trained_model(cfg)
+    graphdef, trainable, frozen = statelib.split_model(model, cfg)
     inputs = transformer_inputs(cfg, model)
     batch = _device_inputs(inputs, cfg.model.dtype)
     run = jax.jit(loss_and_grads(graphdef))
