@@ -85,8 +85,8 @@ def _csv_rows(csv_path: str, test_folder: str | None) -> list[tuple[str, str]]:
 
 
 def cmd_edit(args) -> int:
+    from insvie_jax.data.video import VideoError
     from insvie_jax.sample import edit as editlib
-    from insvie_jax.sample.video import VideoError
     from insvie_jax.train.checkpoint import find_run_checkpoint
 
     path, overrides = _split_config(args, default=None)

@@ -28,12 +28,12 @@ from insvie_jax import config as configlib
 from insvie_jax import storage
 from insvie_jax.config import Config
 from insvie_jax.convert import encoders
+from insvie_jax.data import video as videolib
 from insvie_jax.models import t5 as t5_model
 from insvie_jax.models import transformer as tr
 from insvie_jax.models import vae as vae_model
 from insvie_jax.models.params import flat_params
 from insvie_jax.sample import loop
-from insvie_jax.sample import video as videolib
 
 log = logging.getLogger(__name__)
 
@@ -203,8 +203,8 @@ class Editor:
 
 def write(result: EditResult, fps: int) -> None:
     storage.makedirs(result.out_dir)
-    videolib.write_mp4(result.out_dir / "edit.mp4", result.frames, fps)
-    videolib.write_mp4(result.out_dir / "side_by_side.mp4", videolib.side_by_side(result.source, result.frames), fps)
+    videolib.write_video(result.out_dir / "edit.mp4", result.frames, fps)
+    videolib.write_video(result.out_dir / "side_by_side.mp4", videolib.side_by_side(result.source, result.frames), fps)
     videolib.contact_sheet(result.out_dir / "contact_sheet.png", result.source, result.frames)
     (result.out_dir / "meta.json").write_text(json.dumps(result.meta, indent=2) + "\n")
 
