@@ -201,7 +201,7 @@ def _bench_parser(sub) -> None:
 
 
 def cmd_compile(args) -> int:
-    from insvie_jax import aot
+    from insvie_jax.bench import aot
     from insvie_jax.parallel.topology import TopologyError
 
     path, overrides = _split_config(args)
