@@ -101,8 +101,8 @@ def _csv_rows(csv_path: str, test_folder: str | None) -> list[tuple[str, str]]:
 
 
 def cmd_edit(args) -> int:
+    from insvie_jax.data.video import VideoError
     from insvie_jax.sample import edit as editlib
-    from insvie_jax.sample.video import VideoError
     from insvie_jax.train.export import find_run_checkpoint
 
     path, overrides = _split_config(args, default=None)
@@ -217,7 +217,7 @@ def _bench_parser(sub) -> None:
 
 
 def cmd_compile(args) -> int:
-    from insvie_jax import aot
+    from insvie_jax.bench import aot
     from insvie_jax.parallel.topology import TopologyError
 
     path, overrides = _split_config(args)

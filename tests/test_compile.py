@@ -13,7 +13,8 @@ import pytest
 
 pytest.importorskip("libtpu", reason="the TPU compiler comes with jax[tpu] (pip install -e '.[test]')")
 
-from insvie_jax import aot, config  # noqa: E402
+from insvie_jax import config  # noqa: E402
+from insvie_jax.bench import aot  # noqa: E402
 from insvie_jax.parallel import mesh as meshlib  # noqa: E402
 from insvie_jax.parallel import topology  # noqa: E402
 

@@ -1,4 +1,5 @@
-"""Triplet lists, InsViE frame sampling, paired crops, image pairs and named bad samples (clips from PyAV)."""
+"""Triplet lists, InsViE frame sampling, paired crops, image pairs and named bad samples (clips from PyAV); the
+video module's frame reading and the edit command's source-clip selection (4k+1 frames, cover resize, crop)."""
 
 import json
 
@@ -141,3 +142,15 @@ def test_resolution_buckets_follow_the_clip_aspect_and_short_clips_keep_their_le
     cfg = _data_cfg(buckets=[[32, 48], [48, 32]], pad_frames=False)
     clip = sources.load_clip(triplet, cfg, seed=0)
     assert clip.source.shape == (5, 48, 32, 3)  # portrait bucket; 7 frames -> largest 4k+1 = 5, unpadded
+
+
+def test_source_clip_frame_selection_and_cover_crop():
+    assert [video.usable_frames(n, 49) for n in (0, 1, 4, 5, 11, 49, 60)] == [0, 1, 1, 5, 9, 49, 49]
+    assert video.usable_frames(60, 9) == 9
+    assert video.cover_size(80, 112, 64, 96) == (68, 96)  # width binds: 112 -> 96, 80 -> 68.57 -> 68
+    assert video.cover_size(1080, 1920, 480, 720) == (480, 853)  # height binds
+    frame = np.zeros((80, 112, 3), np.uint8)
+    frame[:, 56:] = 255  # right half white: the crop keeps the vertical edge at the centre
+    out = video.resize_crop(frame, 64, 96)
+    assert out.shape == (64, 96, 3)
+    assert out[:, :46].max() == 0 and out[:, 50:].min() == 255

@@ -13,9 +13,8 @@ from _data_clips import moving_texture
 
 from insvie_jax import cli
 from insvie_jax.data import synthetic_videos
-from insvie_jax.data.video import write_video
+from insvie_jax.data.video import resize_crop, write_video
 from insvie_jax.sample import edit as editlib
-from insvie_jax.sample.video import resize_crop
 
 
 def _rows(folder):

@@ -12,8 +12,8 @@ import yaml
 
 from insvie_jax import sweep as sweeplib
 from insvie_jax.data import synthetic_videos
+from insvie_jax.data import video as videolib
 from insvie_jax.eval import eval_run_samples
-from insvie_jax.sample import video as videolib
 
 SWEEP = {"name": "evals", "base": "tiny", "overrides": ["train.steps=2"], "grid": {"train.lr": [0.001, 0.002]}}
 
@@ -25,7 +25,7 @@ def _write_validation(run_dir, step, edit_is_target: bool):
     for index in range(2):
         source, target, _ = synthetic_videos.triplet(0, index, 9, 32, 48)
         edit = target if edit_is_target else source
-        videolib.write_mp4(folder / f"{index:02d}.mp4", np.concatenate([source, edit, target], axis=2), 8)
+        videolib.write_video(folder / f"{index:02d}.mp4", np.concatenate([source, edit, target], axis=2), 8)
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": step - 1, "loss": 0.5, "step_s": 0.1}) + "\n")
         f.write(json.dumps({"step": step, "edit_mse": 0.1, "source_mse": 0.2}) + "\n")

@@ -21,6 +21,7 @@ from insvie_jax.convert.diffusers_keys import diffusers_config, transformer_from
 from insvie_jax.models import transformer as tr  # noqa: E402
 from insvie_jax.models.params import set_flat_params  # noqa: E402
 from _compare import rel  # noqa: E402
+from _parity import diffusers_model, norms_and_biases  # noqa: E402
 
 FORWARD_TOL = 1e-5
 GRAD_TOL = 1e-4
@@ -37,16 +38,7 @@ ROPE = dataclasses.replace(SINCOS, positions="rope", num_attention_heads=2, atte
 
 def reference(cfg: ModelConfig, seed: int):
     """A diffusers model with random weights, including non-default norm weights and biases."""
-    torch.manual_seed(seed)
-    kwargs = {k: v for k, v in diffusers_config(cfg).items() if not k.startswith("_")}
-    ref = diffusers.CogVideoXTransformer3DModel(**kwargs).eval()
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if "norm" in name:  # LayerNorm weights default to ones/zeros: perturb so that they are tested
-                p.add_(0.1 * torch.randn_like(p))
-            if name.endswith("bias"):
-                p.copy_(0.05 * torch.randn_like(p))
-    return ref
+    return diffusers_model(diffusers.CogVideoXTransformer3DModel, diffusers_config(cfg), seed, norms_and_biases)
 
 
 def ours_from(ref, cfg: ModelConfig, **overrides):

@@ -8,21 +8,21 @@ causal-conv cache / overlapping tiles).
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
+
+from _compare import rel  # noqa: E402
+from _parity import diffusers_model, jit_method, to_ours, to_torch  # noqa: E402
 
 from insvie_jax.config import VAEConfig  # noqa: E402
 from insvie_jax.convert import vae_keys  # noqa: E402
 from insvie_jax.models import vae as vae_model  # noqa: E402
 from insvie_jax.models.params import flat_params  # noqa: E402
-from _compare import rel  # noqa: E402
 
 TOL = 1e-4
 BF16_TOL = 5e-2
@@ -39,25 +39,15 @@ MODES = {
 HEIGHT, WIDTH = 48, 80  # > one tile in both directions, non-square
 
 
-def to_torch(x: np.ndarray):
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 4, 1, 2, 3)))
-
-
-def to_ours(t) -> np.ndarray:
-    return t.detach().numpy().transpose(0, 2, 3, 4, 1)
-
-
 @pytest.fixture(scope="module")
 def reference():
     """A diffusers VAE with random weights, norm scales and all biases perturbed so that they are tested."""
-    torch.manual_seed(0)
-    kwargs = {k: v for k, v in vae_keys.diffusers_vae_config(TINY).items() if not k.startswith("_")}
-    ref = diffusers.AutoencoderKLCogVideoX(**kwargs).eval()
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if p.ndim == 1:
-                p.copy_((1.0 if "norm" in name and name.endswith("weight") else 0.0) + 0.1 * torch.randn_like(p))
-    return ref
+
+    def perturb(name, p):
+        if p.ndim == 1:
+            p.copy_((1.0 if "norm" in name and name.endswith("weight") else 0.0) + 0.1 * torch.randn_like(p))
+
+    return diffusers_model(diffusers.AutoencoderKLCogVideoX, vae_keys.diffusers_vae_config(TINY), 0, perturb)
 
 
 def set_reference_mode(ref, mode: str) -> None:
@@ -76,19 +66,8 @@ def ours(ref, mode: str) -> vae_model.CogVideoXVAE:
     return vae_keys.vae_with_params(dataclasses.replace(TINY, **MODES[mode]), flat)
 
 
-def _jit(method: str):
-    """`vae.<method>(x)` compiled per (model config, shape); XLA's backend optimisations are off, which halves the
-    compile time that dominates these CPU tests (the convolutions are library calls either way)."""
-
-    @functools.partial(jax.jit, static_argnums=0, compiler_options={"xla_backend_optimization_level": 0})
-    def run(graphdef, state, x):
-        return getattr(nnx.merge(graphdef, state), method)(x)
-
-    return lambda vae, x: run(*nnx.split(vae), x)
-
-
-_encode = _jit("encode")
-_decode = _jit("decode")
+_encode = jit_method("encode")
+_decode = jit_method("decode")
 
 
 def video(frames: int, seed: int = 0) -> np.ndarray:

@@ -29,6 +29,7 @@ from insvie_jax.models.params import module_from_flat  # noqa: E402
 from insvie_jax.models.wan import vae as wan_vae  # noqa: E402
 from insvie_jax.sample import wan_edit  # noqa: E402
 from _compare import rel  # noqa: E402
+from _parity import diffusers_model, wan_vae_gammas_and_biases  # noqa: E402
 from test_wan_flow import SHIFT, WAN_UNIPC  # noqa: E402
 from test_wan_lora import ours_from  # noqa: E402
 from test_wan_transformer import TINY, reference  # noqa: E402
@@ -49,16 +50,8 @@ BATCH, FRAMES, HEIGHT, WIDTH = 2, 5, 32, 64  # latents (2, 2, 2, 4, Z): 2 x 1 x 
 
 
 def reference_vae():
-    torch.manual_seed(3)
-    kwargs = {k: v for k, v in wan_vae_keys.diffusers_vae_config(VAE).items() if not k.startswith("_")}
-    ref = diffusers.AutoencoderKLWan(**kwargs).eval()
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if name.endswith("gamma"):
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            elif p.ndim == 1:
-                p.copy_(0.1 * torch.randn_like(p))
-    return ref
+    return diffusers_model(diffusers.AutoencoderKLWan, wan_vae_keys.diffusers_vae_config(VAE), 3,
+                           wan_vae_gammas_and_biases)
 
 
 def reference_text_encoder():

@@ -11,21 +11,20 @@ with the same tile sizes and strides.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
-import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
+
+from _compare import rel  # noqa: E402
+from _parity import diffusers_model, jit_method, to_ours, to_torch, wan_vae_gammas_and_biases  # noqa: E402
 
 from insvie_jax.config import WanVAEConfig  # noqa: E402
 from insvie_jax.convert import wan_vae_keys  # noqa: E402
 from insvie_jax.models.params import flat_params, module_from_flat, param_shapes  # noqa: E402
 from insvie_jax.models.wan import vae as wan_vae  # noqa: E402
-from _compare import rel  # noqa: E402
 
 TOL = 1e-4
 BF16_TOL = 5e-2
@@ -49,27 +48,11 @@ MODES = {
 HEIGHT, WIDTH = 32, 64
 
 
-def to_torch(x: np.ndarray):
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 4, 1, 2, 3)))
-
-
-def to_ours(t) -> np.ndarray:
-    return t.detach().numpy().transpose(0, 2, 3, 4, 1)
-
-
 @pytest.fixture(scope="module")
 def reference():
     """A diffusers VAE with random weights, its RMS-norm gammas and all biases perturbed so that they count."""
-    torch.manual_seed(0)
-    kwargs = {k: v for k, v in wan_vae_keys.diffusers_vae_config(TINY).items() if not k.startswith("_")}
-    ref = diffusers.AutoencoderKLWan(**kwargs).eval()
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if name.endswith("gamma"):
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            elif p.ndim == 1:
-                p.copy_(0.1 * torch.randn_like(p))
-    return ref
+    return diffusers_model(diffusers.AutoencoderKLWan, wan_vae_keys.diffusers_vae_config(TINY), 0,
+                           wan_vae_gammas_and_biases)
 
 
 def set_reference_mode(ref, mode: str) -> None:
@@ -95,19 +78,8 @@ def ours(ref, mode: str) -> wan_vae.WanVAE:
     return module_from_flat(wan_vae.abstract(dataclasses.replace(TINY, **MODES[mode])), flat)
 
 
-def _jit(method: str):
-    """`vae.<method>(x)` compiled per (model config, shape); XLA's backend optimisations are off, which cuts the
-    compile time that dominates these CPU tests."""
-
-    @functools.partial(jax.jit, static_argnums=0, compiler_options={"xla_backend_optimization_level": 0})
-    def run(graphdef, state, x):
-        return getattr(nnx.merge(graphdef, state), method)(x)
-
-    return lambda vae, x: run(*nnx.split(vae), x)
-
-
-_encode = _jit("encode")
-_decode = _jit("decode")
+_encode = jit_method("encode")
+_decode = jit_method("decode")
 
 
 def video(frames: int, seed: int = 0) -> np.ndarray:

@@ -27,8 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from insvie_jax.config import ConfigError
-from insvie_jax.data.video import probe, read_frames
-from insvie_jax.sample.video import resize_crop
+from insvie_jax.data.video import probe, read_frames, resize_crop
 
 EVAL_COLUMNS = ("source", "edit", "instruction")
 OPTIONAL_COLUMNS = ("target", "source_caption", "edited_caption")

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from insvie_jax.models.layers import param
+from insvie_jax.models.remat import stack_layers
 
 TARGETS = ("qkv", "attn_out")
 _IN, _OUT = "abcd", "wxyz"  # einsum letters for the contracted (input) and produced (output) dims
@@ -57,17 +58,6 @@ class LoRA(nnx.Module):
         return jnp.einsum(f"{p}{i}r,{p}r{o}->{i}{p}{o}", a.astype(jnp.float32), b.astype(jnp.float32)) * self.scale
 
 
-def _stacked(make, num_layers: int, rngs: nnx.Rngs):
-    """One module per layer, stacked on a leading `layers` axis like the transformer's blocks."""
-
-    @nnx.split_rngs(splits=num_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-    def build(rngs):
-        return make(rngs)
-
-    return build(rngs)
-
-
 def add_lora(model, rank: int, alpha: float, targets=TARGETS, seed: int = 0):
     """Attaches adapters to `model`'s attention blocks in place and returns it."""
     if _is_wan(model):
@@ -81,11 +71,13 @@ def add_lora(model, rank: int, alpha: float, targets=TARGETS, seed: int = 0):
     rngs = nnx.Rngs(seed)
     attn = model.blocks.attn
     if "qkv" in targets:
-        attn.qkv_lora = nnx.data(_stacked(lambda r: LoRA((d,), (h, hd), ("embed",), ("heads", "head_dim"), rank, alpha,
-                                                parts=3, rngs=r, **kw), cfg.num_layers, rngs))
+        attn.qkv_lora = nnx.data(stack_layers(
+            lambda r: LoRA((d,), (h, hd), ("embed",), ("heads", "head_dim"), rank, alpha, parts=3, rngs=r, **kw),
+            cfg.num_layers, rngs))
     if "attn_out" in targets:
-        attn.out_lora = nnx.data(_stacked(lambda r: LoRA((h, hd), (d,), ("heads", "head_dim"), ("embed",), rank, alpha,
-                                                rngs=r, **kw), cfg.num_layers, rngs))
+        attn.out_lora = nnx.data(stack_layers(
+            lambda r: LoRA((h, hd), (d,), ("heads", "head_dim"), ("embed",), rank, alpha, rngs=r, **kw),
+            cfg.num_layers, rngs))
     return model
 
 
@@ -163,8 +155,8 @@ def add_wan_lora(model, rank: int, alpha: float, targets=TARGETS, seed: int = 0)
     rngs = nnx.Rngs(seed)
     for owner, name in wan_target_modules(targets):
         in_shape, out_shape, in_axes, out_axes = shapes[name]
-        adapter = _stacked(lambda r: LoRA(in_shape, out_shape, in_axes, out_axes, rank, alpha, rngs=r, **kw),
-                           cfg.num_layers, rngs)
+        adapter = stack_layers(lambda r: LoRA(in_shape, out_shape, in_axes, out_axes, rank, alpha, rngs=r, **kw),
+                               cfg.num_layers, rngs)
         setattr(getattr(model.blocks, owner), name + "_lora", nnx.data(adapter))
     return model
 

@@ -20,7 +20,7 @@ from flax import nnx
 
 from insvie_jax.config import TextEncoderConfig
 from insvie_jax.models.layers import Dense, param
-from insvie_jax.models.remat import run_layers
+from insvie_jax.models.remat import run_layers, stack_layers
 from insvie_jax.parallel.sharding import constrain
 
 PAD_ID = 0
@@ -130,12 +130,7 @@ class T5Encoder(nnx.Module):
                                              (cfg.relative_attention_num_buckets, cfg.num_heads), pdt,
                                              (None, "heads"))
 
-        @nnx.split_rngs(splits=cfg.num_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def make_blocks(rngs):
-            return Block(cfg, rngs=rngs)
-
-        self.blocks = make_blocks(rngs)
+        self.blocks = stack_layers(lambda r: Block(cfg, rngs=r), cfg.num_layers, rngs)
         self.final_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, rngs=rngs, param_dtype=pdt, dtype=dt)
 
     def position_bias(self, length: int) -> jnp.ndarray:

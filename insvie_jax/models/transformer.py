@@ -18,7 +18,7 @@ from insvie_jax.models import embeddings
 from insvie_jax.models.attention import SplashBlocks, attention
 from insvie_jax.models.layers import Dense, LayerNorm
 from insvie_jax.models.params import count_params  # noqa: F401 - part of this module's API
-from insvie_jax.models.remat import run_layers
+from insvie_jax.models.remat import run_layers, stack_layers
 from insvie_jax.parallel.sharding import constrain
 
 
@@ -182,12 +182,7 @@ class EditTransformer(nnx.Module):
         self.patch_embed = PatchEmbed(cfg, rngs=rngs)
         self.time_embedding = TimeEmbedding(cfg, rngs=rngs)
 
-        @nnx.split_rngs(splits=cfg.num_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def make_blocks(rngs):
-            return Block(cfg, rngs=rngs)
-
-        self.blocks = make_blocks(rngs)
+        self.blocks = stack_layers(lambda r: Block(cfg, rngs=r), cfg.num_layers, rngs)
         self.norm_final = LayerNorm(cfg.hidden_size, cfg.norm_eps, rngs=rngs, param_dtype=pdt, dtype=dt)
         self.norm_out = AdaNormOut(cfg, rngs=rngs)
         p = cfg.patch_size

@@ -15,7 +15,7 @@ from insvie_jax.config import TextEncoderConfig
 from insvie_jax.models import t5
 from insvie_jax.models.layers import param
 from insvie_jax.models.params import count_params  # noqa: F401 - part of this module's API
-from insvie_jax.models.remat import run_layers
+from insvie_jax.models.remat import run_layers, stack_layers
 from insvie_jax.parallel.sharding import constrain
 
 
@@ -50,12 +50,7 @@ class UMT5Encoder(nnx.Module):
         self.embedding = param(rngs, nnx.initializers.normal(1.0), (cfg.vocab_size, cfg.d_model), pdt,
                                ("vocab", "embed"))
 
-        @nnx.split_rngs(splits=cfg.num_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def make_blocks(rngs):
-            return Block(cfg, rngs=rngs)
-
-        self.blocks = make_blocks(rngs)
+        self.blocks = stack_layers(lambda r: Block(cfg, rngs=r), cfg.num_layers, rngs)
         self.final_norm = t5.RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, rngs=rngs, param_dtype=pdt, dtype=dt)
 
     def __call__(self, input_ids, attention_mask=None):

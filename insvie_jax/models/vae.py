@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx, struct
 
 from insvie_jax.config import VAEConfig
+from insvie_jax.models.frames import scan_frame_batches
 from insvie_jax.models.layers import param
 from insvie_jax.models.params import host_random_weights, module_from_flat
 
@@ -304,25 +305,10 @@ class Posterior:
 
 def _frame_batched(module: nnx.Module, x, batch: int):
     """Runs a causal pass over time as diffusers does: the first `batch + frames % batch` frames, then `batch`
-    frames at a time, each pass continuing from the previous one's convolution caches. The equal-sized later
-    passes run as one `lax.scan` (one compiled pass whatever the clip length)."""
+    frames at a time (one pass for fewer than 2·batch frames)."""
     frames = x.shape[1]
-    if batch <= 0 or frames < 2 * batch:
-        return module(x)[0]
-    first = batch + frames % batch
-    out, cache = module(x[:, :first])
-    rest = x[:, first:]
-    n = rest.shape[1] // batch
-    chunks = jnp.swapaxes(rest.reshape(rest.shape[0], n, batch, *rest.shape[2:]), 0, 1)
-    graphdef, state = nnx.split(module)
-
-    def step(cache, chunk):
-        y, cache = nnx.merge(graphdef, state)(chunk, cache)
-        return cache, y
-
-    _, ys = jax.lax.scan(step, cache, chunks)
-    ys = jnp.swapaxes(ys, 0, 1)
-    return jnp.concatenate([out, ys.reshape(ys.shape[0], -1, *ys.shape[3:])], axis=1)
+    first = frames if batch <= 0 or frames < 2 * batch else batch + frames % batch
+    return scan_frame_batches(module, x, first, batch)
 
 
 def _blend(a, b, extent: int, axis: int):

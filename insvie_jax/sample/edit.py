@@ -29,9 +29,9 @@ from insvie_jax import config as configlib
 from insvie_jax import storage
 from insvie_jax.config import Config
 from insvie_jax.convert.models import Models, load_models
+from insvie_jax.data import video as videolib
 from insvie_jax.models import t5 as t5_model
 from insvie_jax.sample import loop
-from insvie_jax.sample import video as videolib
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +137,8 @@ class Editor:
 
 def write(result: EditResult, fps: int) -> None:
     storage.makedirs(result.out_dir)
-    videolib.write_mp4(result.out_dir / "edit.mp4", result.frames, fps)
-    videolib.write_mp4(result.out_dir / "side_by_side.mp4", videolib.side_by_side(result.source, result.frames), fps)
+    videolib.write_video(result.out_dir / "edit.mp4", result.frames, fps)
+    videolib.write_video(result.out_dir / "side_by_side.mp4", videolib.side_by_side(result.source, result.frames), fps)
     videolib.contact_sheet(result.out_dir / "contact_sheet.png", result.source, result.frames)
     (result.out_dir / "meta.json").write_text(json.dumps(result.meta, indent=2) + "\n")
 

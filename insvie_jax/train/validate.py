@@ -26,8 +26,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from insvie_jax import config as configlib
 from insvie_jax import storage
+from insvie_jax.data import video as videolib
 from insvie_jax.sample import loop as sampling
-from insvie_jax.sample import video as videolib
 
 STRIP_FRAMES = 4  # frames per clip in the TensorBoard strip
 VIDEO_CLIPS = 8  # clips decoded to mp4 and to the contact sheet (decoding costs more than sampling)
@@ -90,7 +90,7 @@ class Validator:
         storage.makedirs(folder)
         for index in range(count):
             panel = np.concatenate(videos[index::count], axis=2)  # source | edit | target
-            videolib.write_mp4(folder / f"{index:02d}.mp4", panel, self.cfg.sample.fps)
+            videolib.write_video(folder / f"{index:02d}.mp4", panel, self.cfg.sample.fps)
             picks = np.unique(np.linspace(0, len(panel) - 1, min(STRIP_FRAMES, len(panel))).round().astype(int))
             self.writer.image(f"val/clip_{index:02d}", np.concatenate(list(panel[picks]), axis=0), done)
         labels = (self.instructions or [""] * count)[:count]

@@ -22,7 +22,7 @@ from insvie_jax.models import embeddings
 from insvie_jax.models.attention import SplashBlocks, attention
 from insvie_jax.models.layers import Dense, LayerNorm, param
 from insvie_jax.models.params import count_params  # noqa: F401 - part of this module's API
-from insvie_jax.models.remat import run_layers
+from insvie_jax.models.remat import run_layers, stack_layers
 from insvie_jax.models.wan.config import WanModelConfig
 from insvie_jax.parallel.sharding import constrain
 
@@ -220,12 +220,7 @@ class WanEditTransformer(nnx.Module):
         self.time_embedding = TimeEmbedding(cfg, rngs=rngs)
         self.text_embedding = TextEmbedding(cfg, rngs=rngs)
 
-        @nnx.split_rngs(splits=cfg.num_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def make_blocks(rngs):
-            return Block(cfg, rngs=rngs)
-
-        self.blocks = make_blocks(rngs)
+        self.blocks = stack_layers(lambda r: Block(cfg, rngs=r), cfg.num_layers, rngs)
         self.proj_out = Dense((d,), (pt, ph, pw, cfg.out_channels), ("embed", None, None, None, None), **kw)
         self.scale_shift_table = param(rngs, lambda k, s, t: jax.random.normal(k, s, t) / math.sqrt(d), (2, d),
                                        pdt, (None, "embed"))

@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from insvie_jax.config import WanVAEConfig
+from insvie_jax.models.frames import scan_frame_batches
 from insvie_jax.models.layers import param
 from insvie_jax.models.params import host_random_weights, module_from_flat
 from insvie_jax.models.vae import PointwiseConv, Posterior, _tiled
@@ -375,26 +376,10 @@ def unpatchify(x, p: int):
 
 def _frame_batched(module: nnx.Module, x, batch: int):
     """Runs a causal pass over time in batches: first `1 + (frames - 1) % batch` frames (frame 0 alone when
-    batch divides the rest, as diffusers), then `batch` frames at a time, each pass continuing from the
-    previous one's caches. The equal-sized later passes run as one `lax.scan` (one compiled pass whatever the
-    clip length)."""
+    batch divides the rest, as diffusers), then `batch` frames at a time."""
     frames = x.shape[1]
-    n = (frames - 1) // batch if batch > 0 else 0
-    if n == 0:
-        return module(x)[0]
-    first = frames - n * batch
-    out, cache = module(x[:, :first])
-    rest = x[:, first:]
-    chunks = jnp.swapaxes(rest.reshape(rest.shape[0], n, batch, *rest.shape[2:]), 0, 1)
-    graphdef, state = nnx.split(module)
-
-    def step(cache, chunk):
-        y, cache = nnx.merge(graphdef, state)(chunk, cache)
-        return cache, y
-
-    _, ys = jax.lax.scan(step, cache, chunks)
-    ys = jnp.swapaxes(ys, 0, 1)
-    return jnp.concatenate([out, ys.reshape(ys.shape[0], -1, *ys.shape[3:]).astype(out.dtype)], axis=1)
+    first = frames - ((frames - 1) // batch) * batch if batch > 0 else frames
+    return scan_frame_batches(module, x, first, batch)
 
 
 class WanVAE(nnx.Module):
