@@ -445,3 +445,57 @@ def wan_transformer_reference(f: int, h: int, w: int, repeats: int, median) -> d
     rows["fwdbwd_checkpointing"] = median(fwdbwd, sync, repeats)
     rows["fwdbwd_checkpointing"]["peak_gib"] = peak()
     return rows
+
+
+# Wan2.2-TI2V-5B-Diffusers' scheduler_config.json (UniPCMultistepScheduler).
+WAN22_UNIPC = dict(
+    num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", solver_order=2,
+    prediction_type="flow_prediction", thresholding=False, predict_x0=True, solver_type="bh2",
+    lower_order_final=True, disable_corrector=[], use_flow_sigmas=True, flow_shift=5.0,
+    timestep_spacing="linspace", steps_offset=0, final_sigmas_type="zero", use_karras_sigmas=False,
+)
+
+
+def wan_sampling_loop_reference(f: int, h: int, w: int, steps: int, text_scale: float = 5.0) -> dict:
+    """diffusers' `LucyEditPipeline` denoising loop on the GPU (bf16, random 5B edit weights): per step the
+    conditional and the unconditional transformer call with per-token timesteps, CFG, `UniPCMultistepScheduler`
+    (Wan2.2's config); timed once after a 2-step warm-up. The reference side of `bench.wan torch --loop N`."""
+    import diffusers
+    import torch
+
+    from insvie_jax.convert import wan_keys
+    from insvie_jax.models.wan.config import WanModelConfig
+
+    kwargs = {k: v for k, v in wan_keys.diffusers_config(WanModelConfig()).items() if not k.startswith("_")}
+    with torch.device("cuda"):
+        model = diffusers.WanTransformer3DModel(**kwargs).to(torch.bfloat16).eval()
+    tokens = f * (h // 2) * (w // 2)
+    gen = torch.Generator("cuda").manual_seed(0)
+    noise = torch.randn(1, 48, f, h, w, device="cuda", dtype=torch.float32, generator=gen)
+    condition = torch.randn(1, 48, f, h, w, device="cuda", dtype=torch.bfloat16, generator=gen)
+    text = torch.randn(1, 512, 4096, device="cuda", dtype=torch.bfloat16, generator=gen)
+    negative = torch.zeros_like(text)
+
+    def loop(n):
+        scheduler = diffusers.UniPCMultistepScheduler(**WAN22_UNIPC)
+        scheduler.set_timesteps(n, device="cuda")
+        latents = noise.clone()
+        for t in scheduler.timesteps:  # as LucyEditPipeline.__call__'s denoising loop
+            x = torch.cat([latents, condition.float()], dim=1).to(torch.bfloat16)
+            timestep = t.expand(1, tokens)
+            cond = model(x, timestep, text, return_dict=False)[0]
+            uncond = model(x, timestep, negative, return_dict=False)[0]
+            pred = uncond + text_scale * (cond - uncond)
+            latents = scheduler.step(pred, t, latents, return_dict=False)[0]
+        torch.cuda.synchronize()
+        return latents
+
+    rows = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "diffusers": diffusers.__version__}
+    with torch.no_grad():
+        loop(2)
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        loop(steps)
+        rows[f"sample_loop_{steps}"] = {"s": time.perf_counter() - start,
+                                        "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    return rows
