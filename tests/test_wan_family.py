@@ -1,0 +1,112 @@
+"""`model.family: cogvideox | wan` through config alone: the presets pick each family's model and VAE sections,
+incoherent combinations are one line, the objective per family equals diffusers' schedulers, and the shared
+train step trains the tiny Wan preset."""
+
+from __future__ import annotations
+
+import diffusers
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from insvie_jax import config as configlib
+from insvie_jax.config import ConfigError
+from insvie_jax.data.synthetic import SyntheticTriplets
+from insvie_jax.diffusion import objective
+from insvie_jax.models import family
+from insvie_jax.models.wan.transformer import WanEditTransformer
+from insvie_jax.parallel import mesh as meshlib
+from insvie_jax.train import step as steplib
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_presets_pick_each_familys_sections_and_survive_a_round_trip(tmp_path):
+    wan = configlib.load("wan22-5b-edit")
+    assert (type(wan.model), type(wan.vae)) == (configlib.WanModelConfig, configlib.WanVAEConfig)
+    assert wan.text_encoder.family == "umt5" and wan.diffusion.objective == "flow"
+    # Lucy-Edit's 81 x 704 x 1280 clip: diffusers' LucyEditPipeline makes 21 x 44 x 80 latents of 48 channels
+    assert configlib.latent_shape(wan) == (21, 44, 80, 48)
+    assert configlib.latent_shape(configlib.load("tiny-wan")) == (3, 4, 6, 12)
+    cog = configlib.load("tiny")
+    assert (type(cog.model), type(cog.vae), cog.model.family) == (configlib.ModelConfig, configlib.VAEConfig,
+                                                                  "cogvideox")
+    configlib.save(wan, tmp_path / "config.yaml")  # a run folder's config.yaml loads back the same
+    assert configlib.load(tmp_path / "config.yaml") == wan
+
+
+@pytest.mark.parametrize("preset,override,message", [
+    ("tiny-wan", "diffusion.objective=v",
+     "diffusion.objective=v does not fit model.family=wan (Wan is a rectified-flow model): set diffusion.objective=flow"),
+    ("tiny-wan", "sample.sampler=dpmpp_2m_sde", "sample.sampler=dpmpp_2m_sde does not fit model.family=wan (the flow "
+     "objective samples with a flow sampler): set sample.sampler=flow_unipc or flow_euler"),
+    ("tiny-wan", "text_encoder.family=t5", "text_encoder.family=t5 does not fit model.family=wan (Wan reads UMT5 "
+     "states): set text_encoder.family=umt5"),
+    ("tiny", "sample.guidance=lucy", "sample.guidance=lucy does not fit model.family=cogvideox (the CogVideoX edit "
+     "samples with InsViE's 3-way guidance): set sample.guidance=insvie"),
+    ("tiny-wan", "model.in_channels=16", "model.in_channels=16 and model.out_channels=12 must equal vae.z_dim=12"),
+    ("tiny-wan", "vae.scaling_factor=1.0", "unknown config key 'vae.scaling_factor'; did you mean 'vae.tiling'? "
+     "(model.family=wan: the vae section is WanVAEConfig)"),
+    ("tiny-wan", "model.family=sd3", "config key 'model.family' = 'sd3': expected one of cogvideox, wan"),
+    ("tiny-wan", "data.height=80", "data.height=80 must be a positive multiple of 32 (VAE factor 16 x patch size 2)"),
+])
+def test_incoherent_family_settings_are_one_line(preset, override, message):
+    with pytest.raises(ConfigError) as err:
+        configlib.load(preset, [override])
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_family_dispatch_counts_the_real_wan_model():
+    wan = configlib.load("wan22-5b-edit").model
+    # diffusers' WanTransformer3DModel at this config on the meta device (tests/test_wan_transformer.py)
+    assert family.count_params(wan) == 5_000_377_536
+    assert type(family.abstract(configlib.load("tiny").model)).__name__ == "EditTransformer"
+    assert family.forward_flops(wan, 21, 44, 80) == pytest.approx(290.5e12, rel=1e-3)  # tools/WAN.md's count
+
+
+def test_objectives_match_diffusers_noising_and_targets():
+    rng = np.random.default_rng(0)
+    x0, noise = (rng.standard_normal((3, 2, 4, 6, 5)).astype(np.float32) for _ in range(2))
+    index = np.array([0, 417, 999])
+
+    wan = configlib.load("tiny-wan").diffusion
+    noisy, timestep, target = objective.noised(wan, jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(index))
+    flow_scheduler = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=wan.flow_shift)
+    t = flow_scheduler.timesteps[index]
+    want = torch.cat([flow_scheduler.scale_noise(torch.from_numpy(x0[i:i + 1]), t[i:i + 1],
+                                                 torch.from_numpy(noise[i:i + 1])) for i in range(3)]).numpy()
+    np.testing.assert_allclose(np.asarray(timestep), t.numpy(), rtol=1e-6)
+    assert rel(noisy, want) <= 1e-6
+    assert rel(target, noise - x0) <= 1e-7  # diffusers' flow_prediction target (Wan's training loss)
+
+    cog = configlib.load("tiny").diffusion
+    noisy, timestep, target = objective.noised(cog, jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(index))
+    ddim = diffusers.CogVideoXDDIMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type="v_prediction", rescale_betas_zero_snr=True, snr_shift_scale=cog.snr_shift_scale)
+    ti = torch.from_numpy(index)
+    assert rel(noisy, ddim.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), ti).numpy()) <= 1e-5
+    assert rel(target, ddim.get_velocity(torch.from_numpy(x0), torch.from_numpy(noise), ti).numpy()) <= 1e-5
+    np.testing.assert_array_equal(np.asarray(timestep), index.astype(np.float32))
+
+
+def test_the_shared_train_step_trains_the_tiny_wan_preset():
+    cfg = configlib.load("tiny-wan", ["data.batch_size=2", "train.warmup_steps=0", "train.lr=3e-3",
+                                      "train.schedule=constant", "train.text_dropout=0", "train.source_dropout=0"])
+    mesh = meshlib.create_mesh(cfg.mesh)
+    optimizer = steplib.make_optimizer(cfg)
+    graphdef, state, frozen, state_sh, frozen_sh = steplib.init_state(cfg, mesh, optimizer)
+    assert isinstance(steplib.build_model(cfg), WanEditTransformer)
+    step_fn = steplib.make_train_step(cfg, graphdef, optimizer, mesh, state_sh, frozen_sh)
+    data = SyntheticTriplets(cfg.data.batch_size, configlib.latent_shape(cfg), cfg.model.text_length,
+                             cfg.model.text_embed_dim)
+    batch = steplib.put_batch(data.batch(0), steplib.batch_shardings(cfg, mesh))
+    losses = []
+    for _ in range(12):  # one batch and one step index (the same noise and σ): the step must fit that point
+        state, metrics = step_fn(state, frozen, batch, np.int32(0))
+        losses.append(float(metrics["loss"]))
+    assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0], losses
