@@ -1,8 +1,13 @@
-"""The edit transformer of `model.family`: one place that builds, sizes and counts either family's model, so that
-train, compile, bench and metrics take a config and need not know which backbone it names.
+"""The models of `model.family`: one place that builds, sizes and counts either family's edit transformer, builds
+its VAE and text encoder, runs the text encoder as the family does, and moves latents between the VAE and the
+diffusion model, so that train, compile, bench, metrics, encode and edit take a config and need not know which
+backbone it names.
 
-- cogvideox: models/transformer.py `EditTransformer` (CogVideoX; source latents through `proj_edit`)
-- wan: models/wan/transformer.py `WanEditTransformer` (Wan2.2, Lucy-Edit layout: source concatenated on channels)
+- cogvideox: models/transformer.py `EditTransformer` (source latents through `proj_edit`), the CogVideoX VAE
+  (latents x vae.scaling_factor), T5 v1.1 run without an attention mask (as CogVideoX).
+- wan: models/wan/transformer.py `WanEditTransformer` (Wan2.2, Lucy-Edit layout: source concatenated on channels),
+  the Wan2.2 VAE (latents normalised by its per-channel mean / std), UMT5 with the padding mask and zero states
+  past each prompt (as Wan's pipelines).
 
 Both are called `model(noisy, source, text, timestep) -> prediction` on channels-last latents (B, F, H, W, C);
 their latents' shape for a config is `config.latent_shape` (CogVideoX's VAE 8x in space, Wan2.2's 16x; both 4x
@@ -13,12 +18,16 @@ from __future__ import annotations
 
 from types import ModuleType
 
+import jax.numpy as jnp
 from flax import nnx
 
-from insvie_jax.config import ModelConfig, WanModelConfig
+from insvie_jax.config import ModelConfig, TextEncoderConfig, VAEConfig, WanModelConfig, WanVAEConfig
 from insvie_jax.models import params as paramslib
+from insvie_jax.models import t5, umt5
 from insvie_jax.models import transformer as cogvideox
+from insvie_jax.models import vae as cogvideox_vae
 from insvie_jax.models.wan import transformer as wan
+from insvie_jax.models.wan import vae as wan_vae
 
 _MODULES = {"cogvideox": cogvideox, "wan": wan}
 
@@ -46,3 +55,41 @@ def forward_flops(model_cfg: ModelConfig | WanModelConfig, frames: int, height: 
     """Model FLOPs of one forward pass of one sample on latents (frames, height, width); a train step is 3x."""
     return module(model_cfg).forward_flops(model_cfg, frames, height, width)
 
+
+
+# ---------------------------------------------------------------------------------------------------
+# The frozen encoders
+
+
+def build_vae(vae_cfg: VAEConfig | WanVAEConfig, seed: int = 0) -> nnx.Module:
+    """The family's VAE (the vae section's class says which) with random weights: a stand-in without vae.path."""
+    return (wan_vae if isinstance(vae_cfg, WanVAEConfig) else cogvideox_vae).build(vae_cfg, seed=seed)
+
+
+def build_text_encoder(text_cfg: TextEncoderConfig, seed: int = 0) -> nnx.Module:
+    """T5 v1.1 or UMT5 (text_encoder.family) with random weights: a stand-in without text_encoder.path."""
+    return (umt5 if text_cfg.family == "umt5" else t5).build(text_cfg, seed=seed)
+
+
+def text_states(text_cfg: TextEncoderConfig, encoder: nnx.Module, ids, mask) -> jnp.ndarray:
+    """Token ids and padding mask (`t5.tokenize`) -> the prompt embeddings the family's transformer reads: T5
+    without a mask (CogVideoX attends to the pads), UMT5 masked with zeros past each prompt (Wan)."""
+    if text_cfg.family == "umt5":
+        return umt5.prompt_states(encoder, ids, mask)
+    return encoder(ids)
+
+
+def latents_in(vae_cfg: VAEConfig | WanVAEConfig, latents, scaling_factor: float | None = None) -> jnp.ndarray:
+    """VAE latents -> the diffusion model's: x scaling_factor (CogVideoX; default vae.scaling_factor, a checkpoint's
+    own may differ) or (z - latents_mean) / latents_std per channel (Wan; the stats of `vae_cfg`, a checkpoint's
+    once loaded). The one place latents enter the diffusion model: training data, an edit's source."""
+    if isinstance(vae_cfg, WanVAEConfig):
+        return wan_vae.normalize_latents(latents, vae_cfg)
+    return latents * (vae_cfg.scaling_factor if scaling_factor is None else scaling_factor)
+
+
+def latents_out(vae_cfg: VAEConfig | WanVAEConfig, latents, scaling_factor: float | None = None) -> jnp.ndarray:
+    """The inverse of `latents_in`: the diffusion model's latents -> the VAE's, before decoding."""
+    if isinstance(vae_cfg, WanVAEConfig):
+        return wan_vae.denormalize_latents(latents, vae_cfg)
+    return latents / (vae_cfg.scaling_factor if scaling_factor is None else scaling_factor)
