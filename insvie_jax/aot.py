@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from insvie_jax import config as configlib
+from insvie_jax.convert.models import build_transformer
 from insvie_jax.diffusion import flow, flow_guidance, guidance, samplers
 from insvie_jax.models import attention as attentionlib
 from insvie_jax.models import family
@@ -26,6 +27,7 @@ from insvie_jax.parallel import mesh as meshlib
 from insvie_jax.parallel import sharding as shardlib
 from insvie_jax.parallel import topology as topologylib
 from insvie_jax.train import step as steplib
+from insvie_jax.train.state import TrainState
 
 GIB = 2**30
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
@@ -73,22 +75,19 @@ def _per_chip_bytes(tree) -> int:
 def lower_train_step(cfg: configlib.Config, mesh):
     """(lowered train step, argument groups): the step a run compiles, on shapes only."""
     optimizer = steplib.make_optimizer(cfg)
-    graphdef, state_sh, frozen_sh = steplib.state_shardings(cfg, mesh, optimizer)
-    state, frozen = steplib.abstract_state(cfg, optimizer)
-    state, frozen = _abstract(state, state_sh), _abstract(frozen, frozen_sh)
-    step = steplib.make_train_step(cfg, graphdef, optimizer, mesh, state_sh, frozen_sh,
-                                   meshlib.data_parallel_size(mesh))
+    state = TrainState.abstract(cfg, mesh, optimizer)
+    step = steplib.make_train_step(cfg, state, optimizer, mesh, meshlib.data_parallel_size(mesh))
     batch = _batch_specs(cfg, mesh)
-    groups = {**{k: v for k, v in state.items() if k in ("params", "opt_state", "ema")}, "frozen": frozen,
-              "batch": batch}
-    return step.lower(state, frozen, batch, np.int32(0)), groups
+    groups = {**{k: v for k, v in state.variables.items() if k in ("params", "opt_state", "ema")},
+              "frozen": state.frozen, "batch": batch}
+    return step.lower(state.variables, state.frozen, batch, np.int32(0)), groups
 
 
 def lower_edit_step(cfg: configlib.Config, mesh):
     """(lowered guided sampling step, argument groups): one model call on the guidance branches of
     data.batch_size clips and the sampler update, weights in the compute dtype (as `edit` holds them)."""
     m = dataclasses.replace(cfg.model, param_dtype=cfg.model.dtype)
-    abstract_model = family.abstract(m)
+    abstract_model = nnx.eval_shape(lambda: build_transformer(m, seed=0))
     graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
     rules = cfg.mesh.logical_axis_rules
     params_sh = shardlib.state_shardings(abstract_params, mesh, rules)

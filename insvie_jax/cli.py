@@ -25,14 +25,30 @@ def _split_config(args, default: str | None = DEFAULT_CONFIG) -> tuple[str | Non
     return args.config or default, list(args.overrides)
 
 
+def cmd_prepare(args) -> int:
+    from insvie_jax import storage
+    from insvie_jax.data.prepare import prepare
+
+    path, overrides = _split_config(args)
+    cfg = prepare(configlib.load(path, overrides))
+    target = storage.path(cfg.train.run_dir) / "config.yaml"
+    storage.makedirs(target.parent)
+    configlib.save(cfg, target)
+    print(target)
+    print(f"insvie-jax prepare: data ready; train with: insvie-jax train {target}", file=sys.stderr)
+    return 0
+
+
 def cmd_train(args) -> int:
+    from insvie_jax.data.batches import DataEnded
+    from insvie_jax.data.prepare import prepare
     from insvie_jax.train import loop
 
     path, overrides = _split_config(args)
-    cfg = configlib.load(path, overrides)
+    cfg = prepare(configlib.load(path, overrides), then="training")  # with data.generate: clips made and encoded
     try:
         summary = loop.run(cfg)
-    except loop.TrainingStopped as err:
+    except (loop.TrainingStopped, DataEnded) as err:
         print(f"insvie-jax train: {err}", file=sys.stderr)
         return 3
     print(json.dumps(summary, indent=2))
@@ -87,7 +103,7 @@ def _csv_rows(csv_path: str, test_folder: str | None) -> list[tuple[str, str]]:
 def cmd_edit(args) -> int:
     from insvie_jax.sample import edit as editlib
     from insvie_jax.sample.video import VideoError
-    from insvie_jax.train.checkpoint import find_run_checkpoint
+    from insvie_jax.train.export import find_run_checkpoint
 
     path, overrides = _split_config(args, default=None)
     shortcuts = {"seed": args.seed, "steps": args.steps, "text_scale": args.text_scale,
@@ -239,6 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
                                        "stage with stages.<name>.steps=N or stages.<name>.<section>.<key>=VALUE.")
     _config_args(train)
     train.set_defaults(func=cmd_train)
+    prep = sub.add_parser("prepare", help="make and encode the clips a data.generate config trains on (what train "
+                                          "does first); writes the prepared config to train.run_dir/config.yaml",
+                          description="Generates data.generate moving-shape triplets (and data.generate_val "
+                                      "held-out ones), encodes them with the config's VAE and T5 into ArrayRecord "
+                                      "shards, and writes the config training reads (data.paths filled in).")
+    _config_args(prep)
+    prep.set_defaults(func=cmd_prepare)
     show = sub.add_parser("config", help="print the resolved config")
     _config_args(show)
     show.set_defaults(func=cmd_config)

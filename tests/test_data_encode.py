@@ -8,7 +8,7 @@ from _data_clips import write_image_pair, write_insvie_csv, write_pair
 
 from insvie_jax import config as configlib
 from insvie_jax.data import records
-from insvie_jax.convert.encoders import HashTokenizer
+from insvie_jax.convert.models import HashTokenizer
 from insvie_jax.data.encode import encode_lists
 from insvie_jax.data.sources import load_clip, read_list, BadSamples, to_unit_range
 from insvie_jax.models import t5

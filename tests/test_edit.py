@@ -22,6 +22,7 @@ from PIL import Image
 from insvie_jax import cli
 from insvie_jax import config as configlib
 from insvie_jax.convert import save_transformer
+from insvie_jax.convert.models import ModelMismatch
 from insvie_jax.sample import edit as editlib
 from insvie_jax.sample import video as videolib
 
@@ -165,7 +166,7 @@ def test_usage_errors(clip, tmp_path, capsys):
 
 def test_text_width_mismatch_is_named(clip, tmp_path):
     cfg = configlib.load("tiny", [*STEPS, "text_encoder.d_model=48"])
-    with pytest.raises(editlib.EditError, match="text_embed_dim=32"):
+    with pytest.raises(ModelMismatch, match="text_embed_dim=32"):
         editlib.edit(clip, "snow", tmp_path, cfg)
 
 

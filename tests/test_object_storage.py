@@ -33,7 +33,7 @@ from insvie_jax.data.encode import encode_lists
 from insvie_jax.data.pipeline import BadRecordLog, read_bad_records
 from insvie_jax.convert.api import load_transformer
 from insvie_jax.sample import video as sample_video
-from insvie_jax.train.checkpoint import export_model
+from insvie_jax.train.export import export_model
 from insvie_jax.train.metrics import MetricsWriter
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,12 +15,14 @@ import pytest
 from flax import nnx
 
 from insvie_jax import config as configlib
+from insvie_jax.convert.models import load_training_models
 from insvie_jax.bench import timing
 from insvie_jax.config import ModelConfig
 from insvie_jax.data.synthetic import SyntheticTriplets
 from insvie_jax.models import transformer as tr
 from insvie_jax.parallel import mesh as meshlib
 from insvie_jax.train import step as steplib
+from insvie_jax.train.state import TrainState
 
 TINY = ModelConfig(num_layers=3, num_attention_heads=2, attention_head_dim=16, time_embed_dim=16, text_embed_dim=16,
                    text_length=5, sample_height=8, sample_width=8, sample_frames=5, dtype="bfloat16",
@@ -89,8 +91,9 @@ def test_sharded_train_steps_are_bit_identical_with_the_layer_inputs_on_the_host
                                       "mesh.ici_data=2", "mesh.ici_fsdp=4", f"model.remat_policy={policy}"])
         mesh = meshlib.create_mesh(cfg.mesh)
         optimizer = steplib.make_optimizer(cfg)
-        graphdef, state, frozen, state_sh, frozen_sh = steplib.init_state(cfg, mesh, optimizer)
-        step_fn = steplib.make_train_step(cfg, graphdef, optimizer, mesh, state_sh, frozen_sh,
+        train_state = TrainState.init(cfg, mesh, optimizer, load_training_models(cfg))
+        graphdef, state, frozen = train_state.graphdef, train_state.variables, train_state.frozen
+        step_fn = steplib.make_train_step(cfg, train_state, optimizer, mesh,
                                           meshlib.data_parallel_size(mesh))
         data = SyntheticTriplets(cfg.data.batch_size, configlib.latent_shape(cfg), cfg.model.text_length,
                                  cfg.model.text_embed_dim)

@@ -4,16 +4,20 @@ Meshes (data, fsdp, tensor, context) = (8,1,1,1), (2,2,2,1), (1,2,2,2): the loss
 parameters after two steps match a one-device run to LOSS_TOL / PARAM_TOL (max abs difference).
 """
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
 
 from insvie_jax import config as configlib
+from insvie_jax.convert.models import load_training_models
 from insvie_jax.config import latent_shape
 from insvie_jax.data.synthetic import SyntheticTriplets
 from insvie_jax.parallel import mesh as meshlib
 from insvie_jax.parallel.sharding import fit_spec, logical_to_spec
 from insvie_jax.train import step as steplib
+from insvie_jax.train.state import TrainState
 
 LOSS_TOL = 1e-5
 PARAM_TOL = 1e-5
@@ -32,8 +36,9 @@ def _mesh_config(cfg, data, fsdp, tensor, context):
 
 def _run(cfg, mesh, groups, steps=2):
     optimizer = steplib.make_optimizer(cfg)
-    graphdef, state, frozen, state_sh, frozen_sh = steplib.init_state(cfg, mesh, optimizer)
-    step_fn = steplib.make_train_step(cfg, graphdef, optimizer, mesh, state_sh, frozen_sh, groups)
+    train_state = TrainState.init(cfg, mesh, optimizer, load_training_models(cfg))
+    graphdef, state, frozen = train_state.graphdef, train_state.variables, train_state.frozen
+    step_fn = steplib.make_train_step(cfg, train_state, optimizer, mesh, groups)
     data = SyntheticTriplets(cfg.data.batch_size, latent_shape(cfg), cfg.model.text_length, cfg.model.text_embed_dim)
     losses = []
     for i in range(steps):
@@ -90,9 +95,7 @@ def test_stratified_timesteps_cover_each_groups_share():
 
 def test_mesh_sizes_are_checked_with_clear_errors():
     cfg = configlib.load("tiny")
-    cfg.mesh.ici_data, cfg.mesh.ici_fsdp = -1, 3
     with pytest.raises(configlib.ConfigError, match="must divide 8"):
-        meshlib.create_mesh(cfg.mesh)
-    cfg.mesh.ici_data, cfg.mesh.ici_fsdp = -1, -1
+        meshlib.create_mesh(dataclasses.replace(cfg.mesh, ici_data=-1, ici_fsdp=3))
     with pytest.raises(configlib.ConfigError, match="at most one"):
-        meshlib.create_mesh(cfg.mesh)
+        meshlib.create_mesh(dataclasses.replace(cfg.mesh, ici_data=-1, ici_fsdp=-1))

@@ -140,12 +140,12 @@ def test_launchers_pass_shellcheck():
 def test_a_generated_data_run_that_has_begun_is_not_a_changed_config(tmp_path):
     """`train` records data.generate's default folder (data.paths) in the run's config.yaml; rerunning the sweep
     must still see the config it began with (the shipped tiny sweep is such a sweep)."""
-    from insvie_jax.data import synthetic_videos
+    from insvie_jax.data.prepare import prepared_config
 
     sweep = sweeplib.load(ROOT / "configs" / "sweeps" / "tiny-ablation.yaml", tmp_path)
     sweeplib.prepare(sweep)
     run = sweep.runs[0]
-    configlib.save(synthetic_videos.prepare(run.config, main=False), run.config_path)  # as `train` rewrites it
+    configlib.save(prepared_config(run.config), run.config_path)  # as `train` rewrites it
     (run.folder / "checkpoints" / str(run.config.train.steps)).mkdir(parents=True)
     sweeplib.prepare(sweeplib.load(ROOT / "configs" / "sweeps" / "tiny-ablation.yaml", tmp_path))  # no error
     changed = sweeplib.load(ROOT / "configs" / "sweeps" / "tiny-ablation.yaml", tmp_path, ["train.lr=0.5"])

@@ -15,12 +15,12 @@ import pytest
 from PIL import Image
 
 from insvie_jax import config as configlib
-from insvie_jax.convert import encoders
+from insvie_jax.convert import models as modelslib
 from insvie_jax.data import records
 from insvie_jax.data import synthetic_videos as sv
 from insvie_jax.sample import edit as editlib
 from insvie_jax.sample.edit import output_name
-from insvie_jax.train.checkpoint import find_run_checkpoint
+from insvie_jax.train.export import find_run_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 SHORT = ["data.generate=4", "data.generate_val=2", "data.batch_size=2", "train.num_val_clips=2", "train.steps=3",
@@ -49,8 +49,8 @@ def runs(tmp_path_factory, env):
 
 def test_shipped_tiny_vae_reconstructs_fresh_scenes():
     cfg = configlib.load("tiny-shapes")
-    vae, factor = encoders.load_vae(cfg)
-    config = json.loads((encoders.SHIPPED_WEIGHTS / "tiny-shapes-vae" / "config.json").read_text())
+    vae, factor = modelslib.load_vae_of(cfg)
+    config = json.loads((modelslib.SHIPPED_WEIGHTS / "tiny-shapes-vae" / "config.json").read_text())
     assert factor == config["scaling_factor"] == cfg.vae.scaling_factor  # encode, validation and edit agree
     d = cfg.data
     video = np.stack([clip for i in range(4) for clip in sv.triplet(4242, i, d.num_frames, d.height, d.width)[:2]])
@@ -103,7 +103,7 @@ def test_edit_with_the_run_folder_as_the_summary_prints_it(runs, env, tmp_path):
 
     # Edit conditions on exactly what encode stored (and the model trained on) for this instruction.
     cfg = configlib.load(run_a / "config.yaml")
-    models = editlib.load_models(cfg, str(run_a))
+    models = modelslib.load_models(cfg, checkpoint=str(run_a))
     text, truncated = editlib.encode_instruction(models, instruction)
     val = sv.validation_folders(cfg)[0]
     manifest = records.read_manifest(val)

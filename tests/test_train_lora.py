@@ -9,6 +9,7 @@ import numpy as np
 from flax import nnx
 
 from insvie_jax import config as configlib
+from insvie_jax.convert.models import load_training_models
 from insvie_jax.convert import sat_keys
 from insvie_jax.convert.api import save_transformer
 from insvie_jax.data.synthetic import SyntheticTriplets
@@ -17,7 +18,9 @@ from insvie_jax.models import transformer
 from insvie_jax.models.params import flat_params, set_flat_params
 from insvie_jax.parallel import mesh as meshlib
 from insvie_jax.train import loop
+from insvie_jax.train import state as statelib
 from insvie_jax.train import step as steplib
+from insvie_jax.train.state import TrainState
 
 FORWARD_TOL = 1e-5  # relative error of forwards that differ only in where the adapters are applied
 RANK = 4
@@ -39,7 +42,7 @@ def _inputs(cfg, seed=0):
 
 def _lora_model(cfg):
     """A tiny LoRA model with non-zero B (a fresh adapter is a no-op and would prove nothing)."""
-    model = steplib.build_model(cfg)
+    model = statelib.trained_model(cfg)
     attn = model.blocks.attn
     for i, lora in enumerate((attn.qkv_lora, attn.out_lora)):
         b = lora.lora_b[...]
@@ -49,8 +52,8 @@ def _lora_model(cfg):
 
 def test_insvie_2b_layout_trains_lora_r128_and_proj_edit_only():
     cfg = configlib.load("cogvideox-2b-edit", ["lora.enabled=true"])
-    abstract = nnx.eval_shape(lambda: steplib.build_model(cfg))
-    _, trainable, frozen = nnx.split(abstract, steplib.trainable_filter(cfg), nnx.Param)
+    abstract = nnx.eval_shape(lambda: statelib.trained_model(cfg))
+    _, trainable, frozen = nnx.split(abstract, statelib.trainable_filter(cfg), nnx.Param)
     count = lambda s: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(s))
     assert count(trainable) == 58_982_400 + 247_680  # reference/insvie.md §1: LoRA + proj_edit
     assert count(frozen) + 247_680 == transformer.count_params(transformer.abstract(cfg.model))  # all but proj_edit
@@ -100,7 +103,8 @@ def test_lora_run_updates_adapters_and_proj_edit_only(tmp_path):
                                               "train.schedule=constant"])
     mesh = meshlib.create_mesh(cfg.mesh)
     optimizer = steplib.make_optimizer(cfg)
-    graphdef, state, frozen, state_sh, frozen_sh = steplib.init_state(cfg, mesh, optimizer)
+    train_state = TrainState.init(cfg, mesh, optimizer, load_training_models(cfg))
+    graphdef, state, frozen = train_state.graphdef, train_state.variables, train_state.frozen
     want = flat_params(pretrained)
     frozen_flat = {".".join(k.key for k in path): v for path, v in jax.tree_util.tree_flatten_with_path(frozen)[0]}
     assert "blocks.ff.w1.kernel" in frozen_flat and "patch_embed.proj_edit.kernel" not in frozen_flat
@@ -112,7 +116,7 @@ def test_lora_run_updates_adapters_and_proj_edit_only(tmp_path):
     moments = sum(x.size for x in jax.tree.leaves(state["opt_state"]) if x.ndim > 0)
     assert moments == 3 * trainable_size  # accumulator + Adam mu, nu of the trainable weights only
 
-    step_fn = steplib.make_train_step(cfg, graphdef, optimizer, mesh, state_sh, frozen_sh)
+    step_fn = steplib.make_train_step(cfg, train_state, optimizer, mesh)
     data = SyntheticTriplets(cfg.data.batch_size, configlib.latent_shape(cfg), cfg.model.text_length,
                              cfg.model.text_embed_dim)
     shardings = steplib.batch_shardings(cfg, mesh)
@@ -138,7 +142,7 @@ def test_trained_lora_run_exports_merged_weights_and_ema(tmp_path):
     import orbax.checkpoint as ocp
 
     from insvie_jax.convert.api import load_transformer
-    from insvie_jax.train.checkpoint import export_model
+    from insvie_jax.train.export import export_model
 
     cfg = configlib.load("tiny", OVERRIDES + [f"train.run_dir={tmp_path / 'run'}", "train.steps=4", "train.lr=1e-2",
                                               "train.warmup_steps=0", "train.ema_decay=0.5", "train.log_every=10"])
@@ -149,7 +153,7 @@ def test_trained_lora_run_exports_merged_weights_and_ema(tmp_path):
     # The adapters as trained, applied at run time (not merged), from the checkpoint's own arrays.
     items = ocp.CheckpointManager(tmp_path / "run" / "checkpoints").restore(
         4, args=ocp.args.Composite(state=ocp.args.StandardRestore(), frozen=ocp.args.StandardRestore()))
-    graphdef, _, _ = steplib.split_model(steplib.build_model(cfg), cfg)
+    graphdef, _, _ = statelib.split_model(statelib.trained_model(cfg), cfg)
     trained = nnx.merge(graphdef, items["state"]["params"], items["frozen"])
     assert np.abs(np.asarray(trained.blocks.attn.qkv_lora.lora_b[...])).max() > 0
     args = _inputs(cfg)

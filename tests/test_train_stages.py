@@ -20,7 +20,7 @@ from flax import nnx
 from insvie_jax import config as configlib
 from insvie_jax.data import records as recordlib
 from insvie_jax.models import lora as loralib
-from insvie_jax.train import step as steplib
+from insvie_jax.train import state as statelib
 
 CONFIG = "tiny-curriculum"
 STAGES = {"images": range(0, 12), "videos": range(12, 24), "hq": range(24, 36)}
@@ -85,7 +85,7 @@ def test_curriculum_runs_its_stages_on_one_checkpoint_series(reference):
     assert "qkv_lora" in videos_end["params"]["blocks"]["attn"] and "ema" not in videos_end
     assert "qkv_lora" not in hq_4["params"]["blocks"]["attn"] and "ema" in hq_4
     videos = configlib.resolve_stages(configlib.load(CONFIG))[1].config
-    graphdef = steplib.split_model(nnx.eval_shape(lambda: steplib.build_model(videos, load=False)), videos)[0]
+    graphdef = statelib.split_model(nnx.eval_shape(lambda: statelib.trained_model(videos)), videos)[0]
     model = nnx.merge(graphdef, videos_end["params"], videos_frozen)
     merged = nnx.state(loralib.merge_lora(model), nnx.Param).to_pure_dict()
     hq_moved = _max_difference(hq_4["params"], merged)  # four hq updates since the merge

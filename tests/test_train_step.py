@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 
 from insvie_jax import config as configlib
+from insvie_jax.convert.models import load_training_models
 from insvie_jax.data.synthetic import SyntheticTriplets
 from insvie_jax.parallel import mesh as meshlib
 from insvie_jax.train import loop
 from insvie_jax.train import step as steplib
+from insvie_jax.train.state import TrainState
 
 OVERRIDES = ["data.num_frames=5", "data.height=32", "data.width=48", "train.warmup_steps=1", "train.ema_decay=0.9"]
 
@@ -23,8 +25,9 @@ def test_nan_batch_skips_the_update_and_is_counted():
     cfg = configlib.load("tiny", OVERRIDES)
     mesh = meshlib.create_mesh(cfg.mesh)
     optimizer = steplib.make_optimizer(cfg)
-    graphdef, state, frozen, state_sh, frozen_sh = steplib.init_state(cfg, mesh, optimizer)
-    step_fn = steplib.make_train_step(cfg, graphdef, optimizer, mesh, state_sh, frozen_sh)
+    train_state = TrainState.init(cfg, mesh, optimizer, load_training_models(cfg))
+    graphdef, state, frozen = train_state.graphdef, train_state.variables, train_state.frozen
+    step_fn = steplib.make_train_step(cfg, train_state, optimizer, mesh)
     data = SyntheticTriplets(cfg.data.batch_size, configlib.latent_shape(cfg), cfg.model.text_length,
                              cfg.model.text_embed_dim)
     shardings = steplib.batch_shardings(cfg, mesh)

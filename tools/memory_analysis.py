@@ -33,7 +33,7 @@ def analyse(preset: str, remat: str, overrides: list[str], topology: str) -> dic
     from insvie_jax import config as configlib
     from insvie_jax.bench.transformer import loss_and_grads
     from insvie_jax.models import attention as attention_mod
-    from insvie_jax.train import step as steplib
+    from insvie_jax.train import state as statelib
 
     tpu = topology != "local"
     cfg = configlib.load(preset, ["model.param_dtype=bfloat16", *(["model.attention=splash"] if tpu else []),
@@ -47,8 +47,8 @@ def analyse(preset: str, remat: str, overrides: list[str], topology: str) -> dic
                                                 chips_per_host_bounds=(1, 1, 1)).devices if tpu else jax.devices())
         mesh = Mesh(devices[:1], ("data",))
         replicated = NamedSharding(mesh, PartitionSpec())
-        model = nnx.eval_shape(lambda: steplib.build_model(cfg, load=False))
-        graphdef, trainable, frozen = steplib.split_model(model, cfg)
+        model = nnx.eval_shape(lambda: statelib.trained_model(cfg))
+        graphdef, trainable, frozen = statelib.split_model(model, cfg)
         f, h, w, c = configlib.latent_shape(cfg)
         m = cfg.model
         bf16, f32 = jnp.dtype(m.dtype), jnp.float32

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from flax import nnx
 
 from insvie_jax import config as configlib
 from insvie_jax.bench.timing import Prepared
@@ -22,6 +21,8 @@ from insvie_jax.parallel import mesh as meshlib
 
 def train_step(cfg, options: dict) -> Prepared:
     from insvie_jax.train import step as steplib
+    from insvie_jax.convert.models import load_training_models
+    from insvie_jax.train.state import TrainState
 
     distributed.initialize()
     mesh = meshlib.create_mesh(cfg.mesh)
@@ -31,20 +32,20 @@ def train_step(cfg, options: dict) -> Prepared:
         raise configlib.ConfigError(f"data.batch_size={batch_size} must be a multiple of the data-parallel size "
                                     f"{groups} (mesh {dict(mesh.shape)}): pass --set data.batch_size=...")
     optimizer = steplib.make_optimizer(cfg)
-    graphdef, state, frozen, state_sh, frozen_sh = steplib.init_state(cfg, mesh, optimizer)
+    state = TrainState.init(cfg, mesh, optimizer, load_training_models(cfg))
     inputs = transformer_inputs(cfg, family.abstract(cfg.model), batch=batch_size)
     batch = steplib.put_batch({k: inputs[k] for k in ("source", "target", "text")},
                               steplib.batch_shardings(cfg, mesh))
-    step_fn = steplib.make_train_step(cfg, graphdef, optimizer, mesh, state_sh, frozen_sh, groups)
-    current = {"state": state, "index": 0}
+    step_fn = steplib.make_train_step(cfg, state, optimizer, mesh, groups)
+    current = {"variables": state.variables, "index": 0}
 
     def step():
-        current["state"], metrics = step_fn(current["state"], frozen, batch, np.int32(current["index"]))
+        current["variables"], metrics = step_fn(current["variables"], state.frozen, batch, np.int32(current["index"]))
         current["index"] += 1
         return metrics
 
     def weights():
-        return flat_params(nnx.merge(graphdef, current["state"]["params"], frozen))
+        return flat_params(state.replace(variables=current["variables"]).model())
 
     f, h, w, _ = configlib.latent_shape(cfg)
     flops = 3 * family.forward_flops(cfg.model, f, h, w) * batch_size

@@ -89,10 +89,10 @@ def loss_and_grads(graphdef):
 def forward_backward(cfg, options: dict) -> Prepared:
     """Loss and gradients of the trained parameters (all, or LoRA adapters + `lora.also_train`), the
     parameters in model.param_dtype (bf16 in this workload, as the reference), batch 1."""
-    from insvie_jax.train import step as steplib
+    from insvie_jax.train import state as statelib
 
-    model = steplib.build_model(cfg, load=False)
-    graphdef, trainable, frozen = steplib.split_model(model, cfg)
+    model = statelib.trained_model(cfg)
+    graphdef, trainable, frozen = statelib.split_model(model, cfg)
     inputs = transformer_inputs(cfg, model)
     batch = _device_inputs(inputs, cfg.model.dtype)
     run = jax.jit(loss_and_grads(graphdef))

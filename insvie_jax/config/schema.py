@@ -59,7 +59,7 @@ def ranged(default: float, spec: str):
     return dataclasses.field(default=default, metadata={"range": Range(spec)})
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """The CogVideoX editing transformer. Sizes follow diffusers' `CogVideoXTransformer3DModel` names."""
 
@@ -109,7 +109,7 @@ class ModelConfig:
         return int(self.hidden_size * self.mlp_ratio)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class WanModelConfig:
     """The Wan edit transformer (diffusers `WanTransformer3DModel`, Lucy-Edit layout: source latents concatenated
     on channels). Field names follow `ModelConfig` where the two mean the same, diffusers' otherwise; defaults
@@ -150,7 +150,7 @@ class WanModelConfig:
         return self.ffn_dim
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class VAEConfig:
     """The CogVideoX 3D causal VAE. Architecture names follow diffusers' `AutoencoderKLCogVideoX`; a loaded
     checkpoint's own config.json replaces the architecture keys. The VAE returns unscaled latents:
@@ -197,7 +197,7 @@ WAN22_LATENTS_STD = (
 )
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class WanVAEConfig:
     """The Wan2.2 VAE (diffusers `AutoencoderKLWan` with `is_residual`); architecture names follow diffusers,
     defaults are Wan2.2-TI2V-5B's (16x spatial with the 2x2 patchify, 4x temporal, 48 latent channels). A loaded
@@ -240,7 +240,7 @@ class WanVAEConfig:
         return self.z_dim
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class TextEncoderConfig:
     """The T5 v1.1 encoder (family t5), or UMT5 (family umt5: Wan's; a relative position bias in every layer).
     Sizes follow Hugging Face `T5Config` names; defaults are t5-v1_1-xxl (CogVideoX); `models.umt5.
@@ -263,7 +263,7 @@ class TextEncoderConfig:
     scan_layers: bool = True
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class DiffusionConfig:
     num_train_timesteps: int = ranged(1000, ">= 1")
     beta_start: float = ranged(0.00085, "(0, 1)")
@@ -276,7 +276,7 @@ class DiffusionConfig:
     flow_shift: float = ranged(5.0, "> 0")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class MeshConfig:
     # Sizes of the named axes within a slice/host (ici_*) and across them (dcn_*); one may be -1 (the rest).
     ici_data: int = ranged(-1, ">= -1")
@@ -302,7 +302,7 @@ class MeshConfig:
     )
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Where training triplets come from and how clips are sampled (see insvie_jax/data/)."""
 
@@ -359,7 +359,7 @@ class DataConfig:
     generate_val: int = ranged(0, ">= 0")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class FilterConfig:
     """`insvie-jax filter` (data/filters.py): thresholds on the scores of a triplet (one failing = rejected, the
     failing score named) and the optional VLM judge."""
@@ -388,7 +388,7 @@ class FilterConfig:
     judge_cache: str = ""  # folder of cached judge scores; empty = no cache
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     run_dir: str = "runs/default"
     steps: int = ranged(1000, ">= 0")  # train steps; each takes one global batch of data.batch_size
@@ -419,7 +419,7 @@ class TrainConfig:
     val_sample_steps: int = ranged(10, ">= 1")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class LoraConfig:
     enabled: bool = False
     rank: int = ranged(128, ">= 1")
@@ -428,7 +428,7 @@ class LoraConfig:
     also_train: list = dataclasses.field(default_factory=lambda: ["proj_edit"])
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     every: int = ranged(1000, ">= 1")  # save every this many steps (and at the end, and on SIGTERM)
     keep: int = ranged(3, ">= 1")  # the newest this many are kept ...
@@ -436,7 +436,7 @@ class CheckpointConfig:
     async_save: bool = True  # write in the background while training goes on
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class SampleConfig:
     steps: int = ranged(50, ">= 1")
     text_scale: float = ranged(7.5, ">= 0")
@@ -463,7 +463,7 @@ FAMILY_SECTIONS = {
 assert tuple(FAMILY_SECTIONS) == typing.get_args(ModelFamily)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig | WanModelConfig = dataclasses.field(default_factory=ModelConfig)
     vae: VAEConfig | WanVAEConfig = dataclasses.field(default_factory=VAEConfig)

@@ -99,7 +99,7 @@ def resolve_stages(config: Config) -> list[Stage]:
     command-line overrides are); a config without `stages` is one stage, "main", of train.steps steps.
 
     Stages run one after another on one global step count; each starts from the weights the stage before
-    ended with (see train/stages.py for what happens when what trains changes)."""
+    ended with (see `TrainState.carry_over` in train/state.py for what happens when what trains changes)."""
     if not config.stages:
         return [Stage("main", config.train.steps, 0, False, config)]
     base = config.to_dict()

@@ -4,7 +4,7 @@ Work is cut into units of `data.shard_size` input triplets (in list order). A un
 bucket (latent shape) under temporary names, then renames them and writes `part-<unit>.done.json` last; a
 rerun skips units with a done file, so a crashed encode resumes where it stopped. The manifest is written
 when every unit is done. With empty `vae.path` / `text_encoder.path` the config's randomly initialised
-(seeded) models and a hashing tokenizer are used (convert/encoders.py decides): that is how the tests run.
+(seeded) models and a hashing tokenizer are used (convert/models.py `load_encoders` decides): that is how the tests run.
 
 Several processes (hosts) run the same command: unit i belongs to process i % process_count, each writes
 its units' shards and done files into the one shared output folder, and after a barrier process 0 merges
@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from insvie_jax import storage
 from insvie_jax.config import MeshConfig
-from insvie_jax.convert import encoders
+from insvie_jax.convert.models import load_encoders
 from insvie_jax.data import records
 from insvie_jax.data.sources import BadSamples, Clip, SampleError, Triplet, load_clip, read_lists, to_unit_range
 from insvie_jax.data.video import VideoError
@@ -60,11 +60,6 @@ def config_hash(cfg) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_vae_of(cfg):
-    """The config's VAE (convert/encoders.py decides which)."""
-    return encoders.load_vae(cfg)[0]
-
-
 class TripletEncoder:
     """The VAE and T5 of a config, jitted: pixels -> posterior (mean, std), instructions -> embeddings.
 
@@ -80,8 +75,8 @@ class TripletEncoder:
         per_step = cfg.data.encode_batch_size or len(self.devices)
         self.batch_size = -(-per_step // len(self.devices)) * len(self.devices)  # a multiple of the device count
         self._step = None
-        self.vae = load_vae_of(cfg)
-        self.text_encoder, _, self.tokenizer = encoders.load_text_encoder(cfg)
+        models = load_encoders(cfg)
+        self.vae, self.text_encoder, self.tokenizer = models.vae, models.text_encoder, models.tokenizer
         self._tokenize = t5.tokenize
 
         @nnx.jit

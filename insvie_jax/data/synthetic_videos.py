@@ -7,7 +7,7 @@ what the instruction names the two renders are identical pixel for pixel. Everyt
 (seed, triplet index).
 
 `write_triplets` writes them as mp4 clips plus an InsViE CSV (the `data.source: video` / `insvie-jax encode`
-input layout); `prepare(cfg)` does that and encodes them when `data.generate` asks for it (the default run).
+input layout); data/prepare.py does that and encodes them when `data.generate` asks for it (the default run).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 
 import numpy as np
 
@@ -153,45 +152,6 @@ def validation_folders(cfg) -> list:
     if not (d.generate and d.generate_val):
         return []
     return [storage.path(p) / "val" for p in (d.paths or [str(storage.path(cfg.train.run_dir) / "data")])]
-
-
-def prepare(cfg, main: bool = True):
-    """`data.generate` > 0: returns `cfg` with data.paths filled in (empty = [<train.run_dir>/data]) after making
-    sure every folder holds encoded shards: where one has no manifest yet, writes `data.generate` moving-shape
-    triplets (clips and CSV in <folder>/videos) and encodes them with the config's VAE and T5; with
-    `data.generate_val`, the same for that many fresh scenes in <folder>/val. Only the `main` process writes;
-    the caller makes the others wait for it."""
-    d = cfg.data
-    if not d.generate:
-        return cfg
-    paths = list(d.paths) or [str(storage.path(cfg.train.run_dir) / "data")]
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(d, paths=paths))
-    if not main:
-        return cfg
-    for number, folder in enumerate(map(storage.path, paths)):
-        _generate_and_encode(cfg, folder, d.generate, d.seed + number)
-    for number, folder in enumerate(validation_folders(cfg)):
-        _generate_and_encode(cfg, folder, d.generate_val, d.seed + number + VAL_SEED_OFFSET)
-    return cfg
-
-
-def _generate_and_encode(cfg, folder, count: int, seed: int) -> None:
-    from insvie_jax.data import records
-    from insvie_jax.data.encode import encode_lists
-
-    d = cfg.data
-    if (folder / records.MANIFEST).exists():
-        return
-    videos = folder / "videos"
-    csv_path = videos / "triplets.csv"
-    spec = {"count": count, "frames": d.num_frames, "height": d.height, "width": d.width, "fps": d.fps,
-            "seed": seed, "instructions": d.generate_instructions}
-    stamp = videos / "generate.json"
-    if not (csv_path.exists() and stamp.exists() and json.loads(stamp.read_text()) == spec):
-        print(f"insvie-jax: writing {count} synthetic triplets to {videos}", flush=True)
-        write_triplets(videos, count, d.num_frames, d.height, d.width, d.fps, seed, d.generate_instructions or None)
-        stamp.write_text(json.dumps(spec))
-    encode_lists(cfg, [csv_path], folder)
 
 
 def instructions_of(folder) -> dict[str, str]:

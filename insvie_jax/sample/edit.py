@@ -5,9 +5,10 @@ video file -> frames (4k+1, resized and centre-cropped to data.height × data.wi
 with 3-way guidance (the unconditional text is an all-zero embedding, the unconditional source zero latents)
 -> ÷ scaling factor -> VAE decode -> uint8 -> edit.mp4, side_by_side.mp4, contact_sheet.png, meta.json.
 
-An empty VAE / T5 path, or no transformer checkpoint, builds the config's model with random weights (seeded by
-data.seed, as encode builds them): that is how the tiny config runs without any weights. A training run folder
-as the checkpoint edits with its latest (or EMA) weights; the CLI then takes the run's own config. Every random
+The models come from `convert.models.load_models`: an empty VAE / T5 path, or no transformer checkpoint, builds
+the config's model with random weights (seeded by data.seed, as encode builds them): that is how the tiny config
+runs without any weights. A training run folder as the checkpoint edits with its latest (or EMA) weights; the CLI
+then takes the run's own config. Every random
 draw comes from the explicit `seed`, so an edit is reproducible.
 """
 
@@ -27,35 +28,14 @@ from flax import nnx
 from insvie_jax import config as configlib
 from insvie_jax import storage
 from insvie_jax.config import Config
-from insvie_jax.convert import encoders
+from insvie_jax.convert.models import Models, load_models
 from insvie_jax.models import t5 as t5_model
-from insvie_jax.models import transformer as tr
-from insvie_jax.models import vae as vae_model
-from insvie_jax.models.params import flat_params
 from insvie_jax.sample import loop
 from insvie_jax.sample import video as videolib
 
 log = logging.getLogger(__name__)
 
-# ModelConfig fields that say how to run the model, not what it is: taken from the config, not the checkpoint.
-RUNTIME_FIELDS = ("dtype", "param_dtype", "attention", "scan_layers", "remat_policy")
 NAME_CHARS = 120  # InsViE's output folder keeps the first 120 characters of the instruction
-
-
-class EditError(configlib.ConfigError):
-    """Models or inputs that do not fit together; the message says what to change."""
-
-
-@dataclasses.dataclass
-class Models:
-    transformer: tr.EditTransformer
-    model_cfg: configlib.ModelConfig
-    vae: vae_model.CogVideoXVAE
-    scaling_factor: float
-    text_encoder: t5_model.T5Encoder
-    text_cfg: configlib.TextEncoderConfig
-    tokenizer: object
-    checkpoint: str | None
 
 
 @dataclasses.dataclass
@@ -64,53 +44,6 @@ class EditResult:
     frames: np.ndarray  # the edit, uint8 (F, H, W, 3)
     source: np.ndarray  # the source as the model saw it, uint8 (F, H, W, 3)
     meta: dict
-
-
-def _transformer_weights(cfg: Config, checkpoint: str | None, ema: bool = False):
-    """(flat params or None for random weights, ModelConfig): the checkpoint's architecture, the config's runtime.
-    `checkpoint` may be a training run folder (its latest checkpoint) or RUN/checkpoints/<step>; `ema` takes the
-    run's EMA weights."""
-    if not checkpoint:
-        log.warning("insvie-jax edit: no --checkpoint: using a RANDOM transformer of config model '%s' "
-                    "(smoke test; the edit will be noise)", cfg.model.name)
-        return None, cfg.model
-    from insvie_jax.convert import api
-    # A run's orbax checkpoint is read with the training code (a lazy import: sample/ sits below train/).
-    from insvie_jax.train import checkpoint as checkpoints
-
-    run = checkpoints.find_run_checkpoint(checkpoint)
-    if run is not None:
-        model, run_cfg = checkpoints.load_run_model(*run, use_ema=ema)
-        flat, ckpt_cfg = flat_params(model), run_cfg.model
-    elif ema:
-        raise EditError(f"--ema takes a training run's EMA weights; {checkpoint} is not a run folder")
-    else:
-        flat, ckpt_cfg = api.read_flat(checkpoint)
-    return flat, dataclasses.replace(ckpt_cfg, **{k: getattr(cfg.model, k) for k in RUNTIME_FIELDS})
-
-
-def load_models(cfg: Config, checkpoint: str | None = None, vae: str | None = None, t5: str | None = None,
-                ema: bool = False) -> Models:
-    """The transformer (checkpoint in any format, a training run, or random), VAE, T5 and tokenizer (paths default
-    to the config's; convert/encoders.py decides the VAE, T5 and tokenizer, as for encode and training)."""
-    encoder, text_cfg, tokenizer = encoders.load_text_encoder(cfg, t5)
-    flat, model_cfg = _transformer_weights(cfg, checkpoint, ema)
-    if text_cfg.d_model != model_cfg.text_embed_dim:
-        raise EditError(f"the text encoder gives {text_cfg.d_model}-wide embeddings but the transformer takes "
-                        f"model.text_embed_dim={model_cfg.text_embed_dim}: use the T5 the model was trained with "
-                        "(--t5 / text_encoder.*)")
-    vae_net, scaling_factor = encoders.load_vae(cfg, vae)
-    latent_channels = vae_net.decoder.conv_in.kernel.shape[-2]
-    if latent_channels != model_cfg.in_channels:
-        raise EditError(f"the VAE has {latent_channels} latent channels but the transformer takes "
-                        f"model.in_channels={model_cfg.in_channels}: use the VAE the model was trained with (--vae)")
-    if flat is None:
-        transformer = tr.build(model_cfg, seed=encoders.stand_in_seed(cfg))
-    else:
-        from insvie_jax.convert import api
-
-        transformer = api.model_from_flat(flat, model_cfg)
-    return Models(transformer, model_cfg, vae_net, scaling_factor, encoder, text_cfg, tokenizer, checkpoint or None)
 
 
 @nnx.jit
@@ -164,7 +97,8 @@ class Editor:
         max_frames = (self.models.model_cfg if self.models else cfg.model).sample_frames
         clip = videolib.read_clip(video, cfg.data.height, cfg.data.width, max_frames, cfg.vae.temporal_compression)
         if self.models is None:
-            self.models = load_models(cfg, *self._paths, ema=self._ema)
+            checkpoint, vae, t5 = self._paths
+            self.models = load_models(cfg, checkpoint=checkpoint, ema=self._ema, vae=vae, text_encoder=t5)
             if self.models.model_cfg.sample_frames != max_frames:  # the checkpoint's frame limit, not the config's
                 clip = videolib.read_clip(video, cfg.data.height, cfg.data.width, self.models.model_cfg.sample_frames,
                                           cfg.vae.temporal_compression)

@@ -11,7 +11,7 @@ import time
 
 from insvie_jax import config as configlib
 from insvie_jax import storage
-from insvie_jax.data import synthetic_videos
+from insvie_jax.data.prepare import prepared_config
 from insvie_jax.sweep.report import STATUS_FILE, report, run_status
 from insvie_jax.sweep.spec import Run, Sweep, load
 
@@ -34,7 +34,7 @@ def _check_unchanged(run: Run) -> None:
     if not run.config_path.is_file() or run_status(run.folder, run.config.train.steps) == "pending":
         return
     # `train` records generated data's default folder (data.paths) in the config.yaml it rewrites: compare with it.
-    now = synthetic_videos.prepare(run.config, main=False)
+    now = prepared_config(run.config)
     before, now = _flat(configlib.load(run.config_path).to_dict()), _flat(now.to_dict())
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
     if changed:

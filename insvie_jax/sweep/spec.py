@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import collections
 import hashlib
 import itertools
@@ -132,6 +134,6 @@ def load(path: str | Path, root: str | Path = "sweeps", extra_overrides: list[st
             cfg = configlib.load(base, shared + [_override_text(k, v) for k, v in point.items()])
         except configlib.ConfigError as err:
             raise configlib.ConfigError(f"{where}, run '{run_name}': {err}") from None
-        cfg.train.run_dir = str(folder / run_name)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, run_dir=str(folder / run_name)))
         runs.append(Run(run_name, index, point, cfg, folder / run_name))
     return Sweep(name, folder, runs)

@@ -1,4 +1,4 @@
-"""Training: `insvie_jax.train.run(config)` is what `insvie-jax train` runs."""
+"""Training: `insvie_jax.train.run(config)` is what `insvie-jax train` runs (after `data.prepare.prepare`)."""
 
 from insvie_jax.train.loop import run
 

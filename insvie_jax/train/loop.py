@@ -1,4 +1,7 @@
-"""The training loop: config -> mesh -> sharded state -> compiled step -> metrics and checkpoints in RUN.
+"""The training loop: (prepared) config -> mesh -> models -> TrainState -> compiled step -> metrics and
+checkpoints in RUN. One straight line: data comes prepared (data/prepare.py, run before by `insvie-jax train`
+when data.generate is set) and its batches from data/batches.py; the models from convert/models.py; the state
+from train/state.py; validation gets its clips and VAE handed in.
 
 A run pointed at a folder that holds checkpoints resumes from the latest one; because every random draw is
 a function of (seed, step) and the data is either too (synthetic) or a grain pipeline whose per-process
@@ -28,74 +31,21 @@ from tqdm import tqdm
 
 from insvie_jax import config as configlib
 from insvie_jax import storage
+from insvie_jax.convert.models import load_training_models
 from insvie_jax.data import synthetic_videos
-from insvie_jax.data.pipeline import make_pipeline
-from insvie_jax.data.synthetic import SyntheticTriplets
+from insvie_jax.data.batches import train_batches, validation_clips
+from insvie_jax.data.prepare import check_prepared
 from insvie_jax.parallel import distributed
 from insvie_jax.parallel import mesh as meshlib
 from insvie_jax.train import metrics as metricslib
-from insvie_jax.train import stages as stageslib
 from insvie_jax.train import step as steplib
 from insvie_jax.train import validate as validatelib
-from insvie_jax.train.checkpoint import Checkpointer
+from insvie_jax.train.checkpoint import Checkpointer, saves_frozen
+from insvie_jax.train.state import TrainState
 
 
 class TrainingStopped(RuntimeError):
     """The run cannot go on (e.g. non-finite losses in a row); the message says where and what to do."""
-
-
-class _SyntheticBatches:
-    """Synthetic data: the global batch of each step, a pure function of (train.seed, step); nothing to save.
-    Each process draws only the rows its devices hold (rows are drawn independently, so the global batch is the
-    same for any process count)."""
-
-    iterator = None
-
-    def __init__(self, cfg: configlib.Config, shardings):
-        self.data = SyntheticTriplets(cfg.data.batch_size, configlib.latent_shape(cfg), cfg.model.text_length,
-                                      cfg.model.text_embed_dim, seed=cfg.train.seed)
-        self.shardings = shardings
-        b = cfg.data.batch_size
-        self.shapes = {"source": (b, *configlib.latent_shape(cfg)), "target": (b, *configlib.latent_shape(cfg)),
-                       "text": (b, cfg.model.text_length, cfg.model.text_embed_dim)}
-
-    def batch(self, step: int) -> dict:
-        drawn = {}  # rows -> arrays, shared by the devices (and keys) that hold the same rows
-
-        def shard(key: str, index: tuple) -> np.ndarray:
-            rows = range(*index[0].indices(self.data.batch_size))
-            if rows not in drawn:
-                drawn[rows] = self.data.rows(step, rows)
-            return drawn[rows][key][(slice(None), *index[1:])]
-
-        return {k: jax.make_array_from_callback(self.shapes[k], self.shardings[k], lambda i, k=k: shard(k, i))
-                for k in self.shardings}
-
-    def host_batch(self, step: int) -> dict:
-        return self.data.batch(step)
-
-
-class _PipelineBatches:
-    """data.pipeline batches: this process's share of each global batch, in order; the grain iterator's state
-    goes into every checkpoint (one file per process), so `step` only names the batch for error messages."""
-
-    def __init__(self, cfg: configlib.Config, shardings):
-        self.iterator = make_pipeline(cfg, "train", jax.process_index(), jax.process_count())
-        self.shardings = shardings
-
-    def batch(self, step: int) -> dict:
-        try:
-            local = next(self.iterator)
-        except StopIteration:
-            raise TrainingStopped(f"the data pipeline ended before step {step}") from None
-        return {k: jax.make_array_from_process_local_data(self.shardings[k], np.asarray(local[k]))
-                for k in self.shardings}
-
-
-def _data(cfg: configlib.Config, shardings):
-    if cfg.data.source == "synthetic":
-        return _SyntheticBatches(cfg, shardings)
-    return _PipelineBatches(cfg, shardings)
 
 
 class _StopSignal:
@@ -146,24 +96,23 @@ class _Run:
         self.skipped = 0
         self.stop = _StopSignal()
 
-    def train_stage(self, index: int, graphdef, optimizer, state, frozen, state_sh, frozen_sh, data, start: int):
+    def train_stage(self, index: int, state: TrainState, optimizer, data, start: int) -> TrainState:
         """Trains stage `index` from global step `start` to its end, or until a stop signal; returns the state."""
         stage = self.stages[index]
         cfg, t, mesh, checkpoints, writer = stage.config, stage.config.train, self.mesh, self.checkpoints, self.writer
-        step_fn = steplib.make_train_step(cfg, graphdef, optimizer, mesh, state_sh, frozen_sh, self.groups,
-                                          first_step=stage.start)
+        step_fn = steplib.make_train_step(cfg, state, optimizer, mesh, self.groups, first_step=stage.start)
         first_batch = data.batch(start)
         t0 = time.perf_counter()
-        compiled = step_fn.lower(state, frozen, first_batch, np.int32(start)).compile()
+        compiled = step_fn.lower(state.variables, state.frozen, first_batch, np.int32(start)).compile()
         self.compile_s += time.perf_counter() - t0
         flops = metricslib.step_flops(cfg, configlib.latent_shape(cfg)[:3], mesh.size)
         device = jax.local_devices()[0]
         peak = metricslib.peak_tflops(device)
         validator = None
-        if t.sample_every:
-            synthetic = data.host_batch(0) if cfg.data.source == "synthetic" else None
-            validator = validatelib.Validator(cfg, mesh, graphdef, validatelib.validation_clips(cfg, synthetic),
-                                              self.run_dir, writer, self.main)
+        if t.sample_every:  # only the main process decodes validation edits to videos: only it needs the VAE
+            vae = load_training_models(cfg, vae=self.main and cfg.data.source != "synthetic").vae
+            validator = validatelib.Validator(cfg, mesh, state.graphdef, validation_clips(cfg), vae, self.run_dir,
+                                              writer, self.main)
         losses: list[float] = []
         last_report = time.perf_counter()
 
@@ -173,7 +122,7 @@ class _Run:
 
         def save(done: int) -> None:
             try:
-                checkpoints.save(done, state, frozen, meta(done), data.iterator)
+                checkpoints.save(done, state, meta(done), data.iterator)
             except Exception as err:  # noqa: BLE001 - a failed save (disk full, I/O error) must not end the run
                 writer.error(done, f"checkpoint save at step {done} failed ({type(err).__name__}: {err}); training "
                                    f"goes on, earlier checkpoints in {checkpoints.directory} are untouched")
@@ -215,7 +164,9 @@ class _Run:
                 batch = first_batch if step == start else data.batch(step)
                 # Another bucket's shapes (arrayrecord data.buckets) compile once more through the jitted step.
                 same_shapes = all(batch[k].shape == first_batch[k].shape for k in batch)
-                state, metrics = (compiled if same_shapes else step_fn)(state, frozen, batch, np.int32(step))
+                variables, metrics = (compiled if same_shapes else step_fn)(state.variables, state.frozen, batch,
+                                                                            np.int32(step))
+                state = state.replace(variables=variables)
                 if pending:
                     report(*pending)
                 pending = (step, metrics)
@@ -228,7 +179,7 @@ class _Run:
                 if validator and validator.due(done):
                     report(*pending)  # before sampling, so that no step_s counts the sampling time
                     pending = None
-                    self.validation = validator(done, state["params"], frozen)
+                    self.validation = validator(done, state.params, state.frozen)
                     last_report = time.perf_counter()
                 if self.interrupted:
                     break
@@ -240,17 +191,16 @@ class _Run:
         self.stage_summaries.append({"name": stage.name, "start_step": start, "steps": len(losses),
                                      "first_loss": losses[0] if losses else None,
                                      "last_loss": losses[-1] if losses else None})
-        return state, frozen
+        return state
 
 
 def run(cfg: configlib.Config) -> dict:
     """Trains the run's stages one after another (config `stages`; none: one stage of train.steps steps),
-    resuming RUN if it holds checkpoints; returns a summary."""
+    resuming RUN if it holds checkpoints; returns a summary. Data comes prepared: with data.generate, the config
+    `data.prepare.prepare` returned (what `insvie-jax train` and `insvie-jax prepare` run first)."""
+    check_prepared(cfg)
     distributed.initialize()
     main = distributed.is_main_process()
-    if cfg.data.generate:  # the default run's moving-shape clips, written and encoded once by the main process
-        cfg = synthetic_videos.prepare(cfg, main)
-        distributed.barrier("insvie-jax data.generate")  # the others may wait minutes: no device collective
     stages = configlib.resolve_stages(cfg)
     run_dir = storage.path(cfg.train.run_dir)  # a local folder or an object-storage URL (gs://...)
     if main:
@@ -278,32 +228,30 @@ def run(cfg: configlib.Config) -> dict:
                       file=sys.stderr, flush=True)
 
     start_time = time.perf_counter()
-    before = None  # (stage, graphdef, state, frozen) where the stage before ended
+    state, before = None, None  # the state where stage `before` ended
     try:
         for index in range(first, len(stages)):
             stage = stages[index]
             optimizer = steplib.make_optimizer(stage.config)
-            checkpoints.save_frozen = stageslib.saves_frozen(stages, index)
+            checkpoints.save_frozen = saves_frozen(stages, index)
             if before is None:
-                graphdef, state, frozen, state_sh, frozen_sh = steplib.init_state(stage.config, mesh, optimizer)
+                models = load_training_models(stage.config)  # train.init_from's transformer, else none: random
+                state = TrainState.init(stage.config, mesh, optimizer, models)
             else:
-                graphdef, state, frozen, state_sh, frozen_sh = stageslib.carry_over(*before, stage, mesh, optimizer)
-            start = stage.start
-            data = None
+                state = state.carry_over(before, stage, mesh, optimizer)
+            start, data = stage.start, None
             if index == first and latest is not None:
                 start = min(latest, stage.end)
                 if start < stage.end:  # at a stage's end its data is not needed: the next stage starts afresh
-                    data = _data(stage.config, steplib.batch_shardings(stage.config, mesh))
-                state, frozen, _ = checkpoints.restore(latest, state, state_sh, frozen, frozen_sh,
-                                                       data.iterator if data else None)
+                    data = train_batches(stage.config, steplib.batch_shardings(stage.config, mesh))
+                state, _ = checkpoints.restore(latest, state, data.iterator if data else None)
             if start < stage.end:
-                data = data or _data(stage.config, steplib.batch_shardings(stage.config, mesh))
-                state, frozen = job.train_stage(index, graphdef, optimizer, state, frozen, state_sh, frozen_sh, data,
-                                                start)
-            job.skipped = int(jax.device_get(state["skipped"]))
+                data = data or train_batches(stage.config, steplib.batch_shardings(stage.config, mesh))
+                state = job.train_stage(index, state, optimizer, data, start)
+            job.skipped = int(jax.device_get(state.variables["skipped"]))
             if job.interrupted:
                 break
-            before = (stage, graphdef, state, frozen)
+            before = stage
     finally:
         job.stop.restore()
         try:

@@ -1,13 +1,8 @@
 """One sharded training step of the edit model on latents: the InsViE objective and the optax update in one jit.
 
-The train state is a dict of pure pytrees (nested dicts of arrays), which optax, orbax and jit all take
-as they are:
-  params            the trainable parameters (all of them, or the LoRA adapters + `lora.also_train`)
-  opt_state         optax state of the trainable parameters only (frozen ones take no optimizer memory)
-  ema               EMA of the trainable parameters (only when train.ema_decay > 0)
-  skipped           steps skipped for a non-finite loss or gradient, in total
-  nonfinite_in_a_row  ... and in a row up to now
-Frozen parameters travel beside the state, read-only (no gradient is taken for them).
+The step takes `TrainState.variables` (train/state.py: params, opt_state, ema, skip counters; donated) and the
+frozen parameters beside them, read-only (no gradient is taken for them), and returns the new variables. It
+reads no files: the state is built and restored elsewhere.
 """
 
 from __future__ import annotations
@@ -24,9 +19,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from insvie_jax.config import Config
 from insvie_jax.diffusion import loss as losslib
 from insvie_jax.diffusion import objective
-from insvie_jax.models import family
-from insvie_jax.models import lora as loralib
 from insvie_jax.parallel import sharding as shardlib
+from insvie_jax.train.state import TrainState
 
 # ---------------------------------------------------------------------------------------------------
 # Optimizer
@@ -58,93 +52,8 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformation:
     return opt
 
 
-# ---------------------------------------------------------------------------------------------------
-# What trains
-
-
-def trainable_filter(cfg: Config):
-    """nnx filter of the trained parameters: all, or (LoRA) the adapters plus `lora.also_train` modules."""
-    if not cfg.lora.enabled:
-        return nnx.Param
-    names = set(cfg.lora.also_train)
-
-    def is_trainable(path, value):
-        return loralib.is_lora_param(path, value) or (
-            isinstance(value, nnx.Param) and any(str(p) in names for p in path))
-
-    return is_trainable
-
-
-def build_model(cfg: Config, load: bool = True) -> nnx.Module:
-    """The model as trained: random init (seed) or `train.init_from` (unless not `load`: shapes only matter),
-    plus LoRA adapters when enabled."""
-    model = family.build(cfg.model, seed=cfg.train.seed)
-    if cfg.train.init_from and load:
-        from insvie_jax.convert.api import load_transformer
-        from insvie_jax.models.params import flat_params, set_flat_params
-
-        loaded, _ = load_transformer(cfg.train.init_from)
-        set_flat_params(model, flat_params(loaded))
-    if cfg.lora.enabled:
-        loralib.add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, seed=cfg.train.seed + 1)
-    return model
-
-
-def split_model(model, cfg: Config):
-    """(graphdef, trainable, frozen): the parameters as pure dicts."""
-    graphdef, trainable, frozen = nnx.split(model, trainable_filter(cfg), nnx.Param)
-    return graphdef, trainable.to_pure_dict(), frozen.to_pure_dict()
-
-
 def _replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
-
-
-def state_shardings(cfg: Config, mesh: Mesh, optimizer, abstract_model=None):
-    """(graphdef, shardings of the train state, shardings of the frozen params) from the logical names."""
-    abstract_model = abstract_model or nnx.eval_shape(lambda: build_model(cfg, load=False))
-    rules = cfg.mesh.logical_axis_rules
-    graphdef, trainable_abs, frozen_abs = nnx.split(abstract_model, trainable_filter(cfg), nnx.Param)
-    params_sh = shardlib.state_shardings(trainable_abs, mesh, rules)
-    frozen_sh = shardlib.state_shardings(frozen_abs, mesh, rules)
-    abstract_opt = jax.eval_shape(optimizer.init, trainable_abs.to_pure_dict())
-    opt_sh = optax.tree_map_params(optimizer, lambda _, sh: sh, abstract_opt, params_sh,
-                                   transform_non_params=lambda _: _replicated(mesh))
-    state_sh = {"params": params_sh, "opt_state": opt_sh, "skipped": _replicated(mesh),
-                "nonfinite_in_a_row": _replicated(mesh)}
-    if cfg.train.ema_decay > 0:
-        state_sh["ema"] = params_sh
-    return graphdef, state_sh, frozen_sh
-
-
-def _initial_state(cfg: Config, optimizer, params, frozen):
-    state = {"params": params, "opt_state": optimizer.init(params), "skipped": jnp.zeros((), jnp.int32),
-             "nonfinite_in_a_row": jnp.zeros((), jnp.int32)}
-    if cfg.train.ema_decay > 0:
-        state["ema"] = jax.tree.map(jnp.copy, params)
-    return state, frozen
-
-
-def init_state(cfg: Config, mesh: Mesh, optimizer):
-    """(graphdef, state, frozen, state shardings, frozen shardings), each array placed by its shardings.
-
-    Random init is one jit with output shardings (no full copy on one device); `init_from` loads on the
-    host and places the arrays."""
-    graphdef, state_sh, frozen_sh = state_shardings(cfg, mesh, optimizer)
-    init = jax.jit(lambda params, frozen: _initial_state(cfg, optimizer, params, frozen),
-                   out_shardings=(state_sh, frozen_sh))
-    if cfg.train.init_from:
-        state, frozen = init(*split_model(build_model(cfg), cfg)[1:])
-    else:
-        state, frozen = jax.jit(lambda: _initial_state(cfg, optimizer, *split_model(build_model(cfg), cfg)[1:]),
-                                out_shardings=(state_sh, frozen_sh))()
-    return graphdef, state, frozen, state_sh, frozen_sh
-
-
-def abstract_state(cfg: Config, optimizer):
-    """(state, frozen) as ShapeDtypeStructs: the structure a checkpoint restores into."""
-    return jax.eval_shape(
-        lambda: _initial_state(cfg, optimizer, *split_model(build_model(cfg, load=False), cfg)[1:]))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -189,16 +98,17 @@ def make_loss_fn(cfg: Config, graphdef, timestep_groups: int = 1):
     return loss_fn
 
 
-def make_train_step(cfg: Config, graphdef, optimizer, mesh: Mesh, state_sh, frozen_sh, timestep_groups: int = 1,
+def make_train_step(cfg: Config, state: TrainState, optimizer, mesh: Mesh, timestep_groups: int = 1,
                     first_step: int = 0):
-    """`step(state, frozen, batch, step) -> (state, metrics)`: one jit, state donated.
+    """`step(variables, frozen, batch, step) -> (variables, metrics)`: one jit over `state`'s arrays (its graphdef
+    and shardings), variables donated.
 
     Inputs and outputs carry explicit shardings (batch split over the `batch` rule's axes), activations are
     constrained by the logical rules. `timestep_groups`: see `stratified_timesteps` (the data-parallel size).
     `first_step`: the global step the stage starts at (its learning-rate schedule counts from there).
     A non-finite loss or gradient leaves params, optimizer state and EMA unchanged and counts the step.
     """
-    loss_fn = make_loss_fn(cfg, graphdef, timestep_groups)
+    loss_fn = make_loss_fn(cfg, state.graphdef, timestep_groups)
     lr = lr_schedule(cfg)
     t = cfg.train
     accumulating = t.grad_accum > 1
@@ -229,8 +139,9 @@ def make_train_step(cfg: Config, graphdef, optimizer, mesh: Mesh, state_sh, froz
                    "skipped_steps": new["skipped"], "nonfinite_in_a_row": new["nonfinite_in_a_row"]}
         return new, metrics
 
-    return jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_shardings(cfg, mesh), _replicated(mesh)),
-                   out_shardings=(state_sh, _replicated(mesh)), donate_argnums=(0,))
+    return jax.jit(step, in_shardings=(state.shardings, state.frozen_shardings, batch_shardings(cfg, mesh),
+                                       _replicated(mesh)),
+                   out_shardings=(state.shardings, _replicated(mesh)), donate_argnums=(0,))
 
 
 def batch_shardings(cfg: Config, mesh: Mesh) -> dict[str, NamedSharding]:

@@ -8,8 +8,9 @@ edit_mse < source_mse. For pixel-derived data (arrayrecord, video) the latents o
 VAE and written to RUN/samples/<steps done>/<clip>.mp4 as source | edit | target, with one PNG contact sheet
 (contact_sheet.png: per clip its instruction and a source, an edit and a target row), and a frame strip of each
 goes to TensorBoard; their `insvie-jax eval` metrics (psnr/ssim of the edit vs source and target, warp error) join
-the record and samples/<step>/eval.json. The clips: the first batches of the "eval" split of data.paths (with
-data.generate_val, of the held-out generated scenes instead), or the first synthetic batch.
+the record and samples/<step>/eval.json. The clips and the VAE are handed in (`data.batches.validation_clips`:
+the first batches of the "eval" split of data.paths, with data.generate_val of the held-out generated scenes
+instead, or the first synthetic batch).
 Every process samples (the model may be sharded across them); only the main process decodes and writes.
 """
 
@@ -34,45 +35,16 @@ SHEET_FRAMES = 5  # frames per row of the contact sheet
 CONTACT_SHEET = "contact_sheet.png"
 
 
-def validation_clips(cfg: configlib.Config, synthetic_batch) -> dict:
-    """{source, target, text} of the first `train.num_val_clips` clips (scaled latents, float32), and their
-    "instruction"s where known. Generated data with data.generate_val: its held-out scenes, else training clips."""
-    count = cfg.train.num_val_clips
-    if cfg.data.source == "synthetic":
-        return {k: v[:count] for k, v in synthetic_batch.items()}
-    from insvie_jax.data import synthetic_videos
-    from insvie_jax.data.pipeline import make_pipeline
-
-    held_out = synthetic_videos.validation_folders(cfg)
-    if held_out:
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, paths=[str(p) for p in held_out],
-                                                                weights=[]))
-    # Every process reads the same clips: the eval split, unsharded.
-    batches, total = [], 0
-    for batch in make_pipeline(cfg, "eval", 0, 1, with_names=True):
-        batches.append(batch)
-        total += len(batch["source"])
-        if total >= count:
-            break
-    shapes = {b["source"].shape[1:] for b in batches}
-    if len(shapes) > 1:  # buckets: keep the clips of the first bucket's shape, so they batch together
-        batches = [b for b in batches if b["source"].shape[1:] == batches[0]["source"].shape[1:]]
-    clips = {k: np.concatenate([b[k] for b in batches])[:count] for k in ("source", "target", "text")}
-    known = {}
-    for folder in cfg.data.paths:
-        known.update(synthetic_videos.instructions_of(folder))
-    names = [name for b in batches for name in b["name"]][:count]
-    clips["instruction"] = [known.get(name.rsplit(":", 1)[-1], "") for name in names]
-    return clips
-
-
 @nnx.jit
 def _decode(vae, latents):
     return vae.decode(latents)
 
 
 class Validator:
-    def __init__(self, cfg: configlib.Config, mesh, graphdef, clips: dict[str, np.ndarray], run_dir,
+    """Handed in: the clips (`data.batches.validation_clips`) and, for pixel-derived data, the `vae` that decodes
+    the edits (`convert.models.load_training_models`); it reads no files itself."""
+
+    def __init__(self, cfg: configlib.Config, mesh, graphdef, clips: dict[str, np.ndarray], vae, run_dir,
                  writer, main: bool):
         self.cfg, self.graphdef, self.run_dir, self.writer, self.main = cfg, graphdef, run_dir, writer, main
         replicated = NamedSharding(mesh, PartitionSpec())
@@ -82,7 +54,7 @@ class Validator:
         self.host_clips = clips
         self.sample_cfg = dataclasses.replace(cfg.sample, steps=cfg.train.val_sample_steps)
         self.pixels = cfg.data.source != "synthetic"
-        self.vae = None
+        self.vae = vae
 
     def due(self, done: int) -> bool:
         every = self.cfg.train.sample_every
@@ -110,10 +82,6 @@ class Validator:
         """The first VIDEO_CLIPS clips decoded: one mp4 each (source | edit | target side by side) and one PNG
         contact sheet of them all (per clip a source, an edit and a target row of frames); returns their
         `insvie-jax eval` metrics (also in the folder's eval.json)."""
-        if self.vae is None:
-            from insvie_jax.data.encode import load_vae_of
-
-            self.vae = load_vae_of(self.cfg)
         count = min(len(edited), VIDEO_CLIPS)
         latents = np.concatenate([source[:count], edited[:count], target[:count]])
         latents = latents / np.float32(self.cfg.vae.scaling_factor)
