@@ -1,13 +1,13 @@
 """The models of `model.family`: one place that builds, sizes and counts either family's edit transformer, builds
-its VAE and text encoder, runs the text encoder as the family does, and moves latents between the VAE and the
-diffusion model, so that train, compile, bench, metrics, encode and edit take a config and need not know which
-backbone it names.
+its VAE and text encoder and runs the text encoder as the family does, so that train, compile, bench, metrics,
+encode and edit take a config and need not know which backbone it names.
 
-- cogvideox: models/transformer.py `EditTransformer` (source latents through `proj_edit`), the CogVideoX VAE
-  (latents x vae.scaling_factor), T5 v1.1 run without an attention mask (as CogVideoX).
+- cogvideox: models/transformer.py `EditTransformer` (source latents through `proj_edit`), the CogVideoX VAE,
+  T5 v1.1 run without an attention mask (as CogVideoX).
 - wan: models/wan/transformer.py `WanEditTransformer` (Wan2.2, Lucy-Edit layout: source concatenated on channels),
-  the Wan2.2 VAE (latents normalised by its per-channel mean / std), UMT5 with the padding mask and zero states
-  past each prompt (as Wan's pipelines).
+  the Wan2.2 VAE, UMT5 with the padding mask and zero states past each prompt (as Wan's pipelines).
+How latents move between the VAE and the diffusion model (scaling factor / Wan's per-channel statistics):
+models/latents.py.
 
 Both are called `model(noisy, source, text, timestep) -> prediction` on channels-last latents (B, F, H, W, C);
 their latents' shape for a config is `config.latent_shape` (CogVideoX's VAE 8x in space, Wan2.2's 16x; both 4x
@@ -77,19 +77,3 @@ def text_states(text_cfg: TextEncoderConfig, encoder: nnx.Module, ids, mask) -> 
     if text_cfg.family == "umt5":
         return umt5.prompt_states(encoder, ids, mask)
     return encoder(ids)
-
-
-def latents_in(vae_cfg: VAEConfig | WanVAEConfig, latents, scaling_factor: float | None = None) -> jnp.ndarray:
-    """VAE latents -> the diffusion model's: x scaling_factor (CogVideoX; default vae.scaling_factor, a checkpoint's
-    own may differ) or (z - latents_mean) / latents_std per channel (Wan; the stats of `vae_cfg`, a checkpoint's
-    once loaded). The one place latents enter the diffusion model: training data, an edit's source."""
-    if isinstance(vae_cfg, WanVAEConfig):
-        return wan_vae.normalize_latents(latents, vae_cfg)
-    return latents * (vae_cfg.scaling_factor if scaling_factor is None else scaling_factor)
-
-
-def latents_out(vae_cfg: VAEConfig | WanVAEConfig, latents, scaling_factor: float | None = None) -> jnp.ndarray:
-    """The inverse of `latents_in`: the diffusion model's latents -> the VAE's, before decoding."""
-    if isinstance(vae_cfg, WanVAEConfig):
-        return wan_vae.denormalize_latents(latents, vae_cfg)
-    return latents / (vae_cfg.scaling_factor if scaling_factor is None else scaling_factor)
