@@ -1,9 +1,9 @@
 """`insvie-jax compile`: a config checked against a TPU pod slice before any pod is rented.
 
 The mesh is built from the slice's abstract devices exactly as a run builds it (parallel/mesh.py), the train
-step (and with `edit`, one guided sampling step: 3-way for CogVideoX; sample.guidance's for Wan) is lowered with the run's shardings and compiled by the
-real TPU compiler (libtpu) on this machine, and the compiled program tells per-chip memory, the collectives it
-runs and its cost. Nothing is allocated: arrays are shapes only.
+step (and with `edit`, one guided sampling step: 3-way for CogVideoX, sample.guidance's for Wan) is lowered with
+the run's shardings and compiled by the real TPU compiler (libtpu) on this machine, and the compiled program tells
+per-chip memory, the collectives it runs and its cost. Nothing is allocated: arrays are shapes only.
 """
 
 from __future__ import annotations

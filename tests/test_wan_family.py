@@ -18,6 +18,7 @@ from insvie_jax.config import ConfigError
 from insvie_jax.data import records
 from insvie_jax.diffusion import objective
 from insvie_jax.models import family
+from insvie_jax.train import export
 
 
 def rel(a, b) -> float:
@@ -40,8 +41,8 @@ def test_presets_pick_each_familys_sections_and_survive_a_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize("preset,override,message", [
-    ("tiny-wan", "diffusion.objective=v",
-     "diffusion.objective=v does not fit model.family=wan (Wan is a rectified-flow model): set diffusion.objective=flow"),
+    ("tiny-wan", "diffusion.objective=v", "diffusion.objective=v does not fit model.family=wan (Wan is a "
+     "rectified-flow model): set diffusion.objective=flow"),
     ("tiny-wan", "sample.sampler=dpmpp_2m_sde", "sample.sampler=dpmpp_2m_sde does not fit model.family=wan (the flow "
      "objective samples with a flow sampler): set sample.sampler=flow_unipc or flow_euler"),
     ("tiny-wan", "text_encoder.family=t5", "text_encoder.family=t5 does not fit model.family=wan (Wan reads UMT5 "
@@ -94,7 +95,7 @@ def test_objectives_match_diffusers_noising_and_targets():
     np.testing.assert_array_equal(np.asarray(timestep), index.astype(np.float32))
 
 
-def test_tiny_wan_trains_on_generated_data_and_edits_with_its_run(tmp_path, capsys):
+def test_tiny_wan_trains_on_generated_data_and_edits_with_its_run(tmp_path, capsys, monkeypatch):
     """The whole path through config alone: generated clips encoded by the Wan VAE and UMT5, flow training,
     validation edits decoded, and `insvie-jax edit --checkpoint RUN` with the run's config and weights."""
     run = tmp_path / "run"
@@ -119,3 +120,13 @@ def test_tiny_wan_trains_on_generated_data_and_edits_with_its_run(tmp_path, caps
     meta = json.loads(next((tmp_path / "edits").glob("*/meta.json")).read_text())
     assert (meta["family"], meta["guidance"], meta["sampler"], meta["frames"]) == ("wan", "lucy", "flow_unipc", 1)
     assert meta["checkpoint"] == str(run)
+
+    # the run exported as a diffusers folder: diffusers loads it, and it holds the run's trained weights
+    exported = export.export_model(run, tmp_path / "exported")
+    # its fp32-kept modules (for 16-bit loads) demand `accelerate`, not installed here: off for this fp32 load
+    monkeypatch.setattr(diffusers.WanTransformer3DModel, "_keep_in_fp32_modules", None)
+    theirs = diffusers.WanTransformer3DModel.from_pretrained(exported)
+    model, _ = export.read_run_model(run)
+    assert sum(p.numel() for p in theirs.parameters()) == family.count_params(model.cfg)
+    ours = np.asarray(model.proj_out.bias[...]).reshape(-1)
+    np.testing.assert_array_equal(theirs.proj_out.bias.detach().numpy(), ours)

@@ -133,10 +133,8 @@ def _load_wan_vae(cfg: Config, path: str):
 
 
 def load_text_encoder_of(cfg: Config, path: str | None = None):
-    """(T5 encoder, TextEncoderConfig, tokenizer): `path` (default text_encoder.path; empty = the random stand-in
-    with `HashTokenizer`)."""
-    from insvie_jax.models import t5
-
+    """(T5 or UMT5 encoder (text_encoder.family), TextEncoderConfig, tokenizer): `path` (default
+    text_encoder.path; empty = the random stand-in with `HashTokenizer`)."""
     from insvie_jax.models import family
 
     path = cfg.text_encoder.path if path is None else path
