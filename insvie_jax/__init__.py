@@ -2,7 +2,9 @@
 
 Public API (imported on first use, so `import insvie_jax` stays light):
 `load_transformer(path) -> (model, config)`, `save_transformer(model, config, path, format=...)`,
-`load_vae` / `save_vae`, `load_t5` / `save_t5` likewise; configs through `insvie_jax.config.load(path, overrides)`.
+`load_vae` / `save_vae`, `load_t5` / `save_t5` likewise; `load_models(cfg, checkpoint=...)` -> Models (transformer,
+VAE, T5, tokenizer as a config and a checkpoint or training run decide); configs through
+`insvie_jax.config.load(path, overrides)`.
 """
 
 from insvie_jax.parallel.topology import quiet_libtpu_without_tpu
@@ -17,6 +19,7 @@ _LAZY = {
     "save_vae": "insvie_jax.convert.vae_keys",
     "load_t5": "insvie_jax.convert.t5_keys",
     "save_t5": "insvie_jax.convert.t5_keys",
+    "load_models": "insvie_jax.convert.models",
 }
 
 

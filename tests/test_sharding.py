@@ -29,9 +29,8 @@ OVERRIDES = ["data.batch_size=8", "data.num_frames=5", "data.height=32", "data.w
 
 
 def _mesh_config(cfg, data, fsdp, tensor, context):
-    m = cfg.mesh
-    m.ici_data, m.ici_fsdp, m.ici_tensor, m.ici_context = data, fsdp, tensor, context
-    return cfg
+    mesh = dataclasses.replace(cfg.mesh, ici_data=data, ici_fsdp=fsdp, ici_tensor=tensor, ici_context=context)
+    return dataclasses.replace(cfg, mesh=mesh)
 
 
 def _run(cfg, mesh, groups, steps=2):

@@ -38,13 +38,30 @@ def _cli(args, env, timeout=600):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, env):
-    """Two fresh runs of the same short config (each generates, encodes, trains, validates); their summaries."""
+    """Two fresh runs of the same short config (each generates, encodes, trains, validates); their summaries.
+    Run a chains data preparation into `train`; run b prepares it with `prepare` and trains the config it wrote."""
     base = tmp_path_factory.mktemp("runs")
-    summaries = []
-    for name in ("a", "b"):
-        out = _cli(["train", f"train.run_dir={base / name}", *SHORT], env)
-        summaries.append(json.loads(out.stdout[out.stdout.index("{\n"):]))
+    out = _cli(["train", f"train.run_dir={base / 'a'}", *SHORT], env)
+    assert "preparing data first" in out.stderr and "then training" in out.stderr
+    summaries = [json.loads(out.stdout[out.stdout.index("{\n"):])]
+    prepared = _cli(["prepare", f"train.run_dir={base / 'b'}", *SHORT], env).stdout.strip()
+    assert prepared == str(base / "b" / "config.yaml")
+    assert configlib.load(prepared).data.paths == [str(base / "b" / "data")]
+    out = _cli(["train", prepared], env)
+    summaries.append(json.loads(out.stdout[out.stdout.index("{\n"):]))
     return base / "a", base / "b", summaries
+
+
+def test_training_generated_data_that_is_not_prepared_names_the_command(tmp_path):
+    from insvie_jax.data.prepare import DataNotPrepared
+    from insvie_jax.train import loop
+
+    cfg = configlib.load("tiny-shapes", [f"train.run_dir={tmp_path}", *SHORT])
+    with pytest.raises(DataNotPrepared, match=r"data.generate=4: .*data.paths is empty.*insvie-jax prepare"):
+        loop.run(cfg)
+    cfg = configlib.load("tiny-shapes", [f"train.run_dir={tmp_path}", f"data.paths=[{tmp_path / 'none'}]", *SHORT])
+    with pytest.raises(DataNotPrepared, match=r"no encoded shards in .*none, .*none/val"):
+        loop.run(cfg)
 
 
 def test_shipped_tiny_vae_reconstructs_fresh_scenes():

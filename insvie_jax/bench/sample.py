@@ -15,6 +15,7 @@ import numpy as np
 from insvie_jax.bench.timing import Prepared
 from insvie_jax.bench.transformer import inference_config, transformer_inputs
 from insvie_jax.config import latent_shape
+from insvie_jax.convert.models import build_transformer
 from insvie_jax.models import family
 from insvie_jax.models.params import flat_params
 from insvie_jax.sample import loop, wan_edit
@@ -24,7 +25,7 @@ def edit(cfg, options: dict) -> Prepared:
     cfg = inference_config(cfg)
     if cfg.model.family == "wan":
         return _wan_edit(cfg)
-    model = family.build(cfg.model)
+    model = build_transformer(cfg.model, seed=0)
     inputs = transformer_inputs(cfg, model)
     source = jnp.asarray(inputs["source"])
     text = jnp.asarray(inputs["text"], cfg.model.dtype)
@@ -45,7 +46,7 @@ def edit(cfg, options: dict) -> Prepared:
 def _wan_edit(cfg) -> Prepared:
     from flax import nnx
 
-    model = family.build(cfg.model)
+    model = build_transformer(cfg.model, seed=0)
     graphdef, state = nnx.split(model)
     inputs = transformer_inputs(cfg, model)
     settings = wan_edit.settings_from_config(cfg)

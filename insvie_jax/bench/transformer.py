@@ -12,6 +12,7 @@ from flax import nnx
 
 from insvie_jax.bench.timing import Prepared
 from insvie_jax.config import latent_shape
+from insvie_jax.convert.models import build_transformer
 from insvie_jax.models import family
 from insvie_jax.models.attention import attention as attention_fn
 from insvie_jax.models.params import flat_params
@@ -56,7 +57,7 @@ def _flops(cfg, batch: int) -> float:
 def forward(cfg, options: dict) -> Prepared:
     """One forward pass, batch 1, weights in the compute dtype."""
     cfg = cfg if options.get("keep_param_dtype") else inference_config(cfg)
-    model = family.build(cfg.model)
+    model = build_transformer(cfg.model, seed=0)
     graphdef, params = nnx.split(model)
     inputs = transformer_inputs(cfg, model)
     batch = _device_inputs(inputs, cfg.model.dtype)

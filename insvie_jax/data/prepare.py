@@ -74,7 +74,7 @@ def _generate_and_encode(cfg: configlib.Config, folder, count: int, seed: int) -
             "seed": seed, "instructions": d.generate_instructions}
     stamp = videos / "generate.json"
     if not (csv_path.exists() and stamp.exists() and json.loads(stamp.read_text()) == spec):
-        print(f"insvie-jax: writing {count} synthetic triplets to {videos}", flush=True)
+        print(f"insvie-jax: writing {count} synthetic triplets to {videos}", file=sys.stderr, flush=True)
         synthetic_videos.write_triplets(videos, count, d.num_frames, d.height, d.width, d.fps, seed,
                                         d.generate_instructions or None)
         stamp.write_text(json.dumps(spec))

@@ -10,7 +10,7 @@ uninterrupted one would have, bit for bit. SIGTERM saves a checkpoint after the 
 
 A run is a list of stages (config `stages`, a curriculum; none = one stage "main" of train.steps steps) on one
 global step count: stage k covers [sum of earlier steps, + its steps) with its own config (data, schedule, what
-trains, ...) and starts from the weights the stage before ended with (train/stages.py). All stages write one
+trains, ...) and starts from the weights the stage before ended with (`TrainState.carry_over`, train/state.py). All stages write one
 checkpoint series whose meta names the stage; a resumed run finds its stage from the checkpoint's step, and a
 checkpoint at a stage's end resumes into the next stage.
 
