@@ -69,7 +69,7 @@ def cmd_config(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from insvie_jax.convert.api import UnsupportedConversion, convert_main
+    from insvie_jax.convert.registry import UnsupportedConversion, convert_main
 
     try:
         convert_main(args.src, args.dst, to=args.to, dtype=args.dtype, merge_lora=args.merge_lora,
@@ -265,19 +265,23 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("config", help="print the resolved config")
     _config_args(show)
     show.set_defaults(func=cmd_config)
-    convert = sub.add_parser("convert", help="convert a transformer, VAE or T5 checkpoint between formats")
+    from insvie_jax.convert import registry  # light: names only; a codec's module loads when it is used
+
+    convert = sub.add_parser("convert", help="convert a checkpoint (" + ", ".join(registry.MODELS) + ") between "
+                                             "formats")
     convert.add_argument("src", help="SAT folder or .pt, diffusers or Hugging Face folder, or native folder "
                                      "(model and format detected)")
     convert.add_argument("dst", help="output folder (or .pt for SAT); must not exist")
-    convert.add_argument("--model", choices=("transformer", "vae", "t5"),
+    convert.add_argument("--model", choices=tuple(registry.MODELS),
                          help="what SRC holds (default: detected from its files)")
-    convert.add_argument("--to", choices=("native", "sat", "diffusers", "hf"), default="native",
-                         help="transformer: native|sat|diffusers; vae: native|sat|diffusers; t5: native|hf")
-    convert.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    convert.add_argument("--to", choices=tuple(registry.all_formats()), default="native",
+                         help="; ".join(f"{m}: {'|'.join(registry.formats(m))}" for m in registry.MODELS))
+    convert.add_argument("--dtype", choices=tuple(registry.DTYPE_NAMES), default="fp32")
     convert.add_argument("--merge-lora", action="store_true", help="merge SAT LoRA adapters into the weights")
     convert.add_argument("--sat-config", help="SAT model yaml, when the shapes cannot tell the config")
-    convert.add_argument("--config", help="YAML or preset whose vae section gives what a SAT 3d-vae.pt cannot tell "
-                                          "(norm groups, temporal compression, scaling factor), e.g. tiny")
+    convert.add_argument("--config", help="YAML or preset whose section of the model gives what the checkpoint cannot "
+                                          "tell (a SAT 3d-vae.pt's norm groups, temporal compression, scaling factor; "
+                                          "a text encoder's dtypes), e.g. tiny")
     convert.set_defaults(func=cmd_convert)
     edit = sub.add_parser("edit", help="edit a video as an instruction says (or a CSV batch of them)")
     _config_args(edit)

@@ -194,3 +194,18 @@ def test_without_torch_sat_says_how_to_install_it(tiny, tmp_path, env):
         assert code == 2 and lines == ["insvie-jax: SAT (.pt) checkpoints need PyTorch, which is not installed: "
                                        "pip install 'insvie-jax[convert]'"], lines
     assert not (tmp_path / "out").exists()
+
+
+def test_wan_codecs_name_bad_files_in_one_line(tmp_path, capsys):
+    """The Wan codecs of the registry: an unsupported Wan config and a LoRA key on no adapted projection."""
+    folder = tmp_path / "wan"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"_class_name": "WanTransformer3DModel", "image_dim": 1280}))
+    lora = tmp_path / "lora.safetensors"
+    save_file({"transformer.blocks.0.attn1.to_q.lora_A.weight": np.zeros((2, 4), np.float32),
+               "transformer.blocks.0.norm3.lora_A.weight": np.zeros((2, 4), np.float32)}, lora)
+    for src, says in ((folder, "image_dim=1280 is not supported"),
+                      (lora, "module 'norm3' is not one this model adapts")):
+        code, lines = _convert(capsys, src, tmp_path / "out", "--to", "diffusers" if src == folder else "comfyui")
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("insvie-jax: ") and says in lines[0], lines
+        assert not (tmp_path / "out").exists()

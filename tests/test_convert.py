@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from insvie_jax.config import ModelConfig  # noqa: E402
-from insvie_jax.convert import api, sat_keys  # noqa: E402
+from insvie_jax.convert import api, registry, sat_keys  # noqa: E402
 from insvie_jax.convert.diffusers_keys import diffusers_config, transformer_from_diffusers  # noqa: E402
 from insvie_jax.convert.sat import NotACheckpoint  # noqa: E402
 from insvie_jax.models import transformer as tr  # noqa: E402
@@ -201,9 +201,9 @@ def test_sat_from_diffusers_loads_to_the_diffusers_weights_and_forward(ref, sat_
 
 
 def test_sat_native_sat_is_bit_exact(sat_dir, tmp_path):
-    a = api.convert_main(str(sat_dir), str(tmp_path / "a_sat"), to="sat")
-    native = api.convert_main(str(a), str(tmp_path / "native"), to="native")
-    b = api.convert_main(str(native), str(tmp_path / "b_sat"), to="sat")
+    a = registry.convert_main(str(sat_dir), str(tmp_path / "a_sat"), to="sat")
+    native = registry.convert_main(str(a), str(tmp_path / "native"), to="native")
+    b = registry.convert_main(str(native), str(tmp_path / "b_sat"), to="sat")
     first, second = sat_module(a), sat_module(b)
     assert sorted(first) == sorted(second)
     for key in first:
@@ -224,7 +224,7 @@ def test_sat_native_sat_is_bit_exact(sat_dir, tmp_path):
 
 def test_diffusers_native_diffusers_is_bit_exact_and_diffusers_loads_it(ref, tmp_path):
     ref.save_pretrained(tmp_path / "hf", max_shard_size="40KB")  # sharded: exercises the index
-    native = api.convert_main(str(tmp_path / "hf"), str(tmp_path / "native"), to="native")
+    native = registry.convert_main(str(tmp_path / "hf"), str(tmp_path / "native"), to="native")
     out = api.write_flat(*api.read_flat(native), tmp_path / "back", "diffusers", max_shard_bytes=50_000)
     assert (out / "diffusion_pytorch_model.safetensors.index.json").is_file()
     from safetensors.torch import load_file
@@ -396,4 +396,4 @@ def test_checkpoint_of_another_size_names_the_preset_it_fits(sat_dir, tmp_path):
 def test_existing_destination_is_refused(sat_dir, tmp_path):
     (tmp_path / "taken").mkdir()
     with pytest.raises(FileExistsError):
-        api.convert_main(str(sat_dir), str(tmp_path / "taken"), to="native")
+        registry.convert_main(str(sat_dir), str(tmp_path / "taken"), to="native")

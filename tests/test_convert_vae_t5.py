@@ -26,7 +26,7 @@ from safetensors.numpy import load_file  # noqa: E402
 from insvie_jax import cli  # noqa: E402
 from insvie_jax.config import TextEncoderConfig, VAEConfig  # noqa: E402
 from insvie_jax.config import load as load_config  # noqa: E402
-from insvie_jax.convert import api, t5_keys, vae_keys  # noqa: E402
+from insvie_jax.convert import api, registry, t5_keys, vae_keys  # noqa: E402
 from insvie_jax.models import t5  # noqa: E402
 from insvie_jax.models import transformer as tr  # noqa: E402
 from insvie_jax.models.params import flat_params, param_shapes, set_flat_params  # noqa: E402
@@ -88,8 +88,8 @@ def vae_dirs(tmp_path_factory):
 
 
 def test_vae_diffusers_native_diffusers_is_bit_exact(vae_dirs, tmp_path):
-    native = api.convert_main(str(vae_dirs / "diffusers"), str(tmp_path / "native"), to="native")
-    back = api.convert_main(str(native), str(tmp_path / "back"), to="diffusers")
+    native = registry.convert_main(str(vae_dirs / "diffusers"), str(tmp_path / "native"), to="native")
+    back = registry.convert_main(str(native), str(tmp_path / "back"), to="diffusers")
     source = vae_dirs / "diffusers"
     assert_same_tensors(load_file(back / vae_keys.WEIGHTS), load_file(source / vae_keys.WEIGHTS))
     ours, theirs = (json.loads((d / "config.json").read_text()) for d in (back, source))
@@ -101,14 +101,14 @@ def test_vae_diffusers_native_diffusers_is_bit_exact(vae_dirs, tmp_path):
 def test_vae_sat_native_sat_is_bit_exact(vae_dirs, tmp_path):
     tiny = load_config("tiny")  # a SAT file does not tell its norm groups: the tiny preset's VAE section does
     assert tiny.vae.norm_num_groups == VAE_CFG.norm_num_groups
-    native = api.convert_main(str(vae_dirs / "3d-vae.pt"), str(tmp_path / "native"), to="native", config=tiny)
-    back = api.convert_main(str(native), str(tmp_path / "back.pt"), to="sat")
+    native = registry.convert_main(str(vae_dirs / "3d-vae.pt"), str(tmp_path / "native"), to="native", config=tiny)
+    back = registry.convert_main(str(native), str(tmp_path / "back.pt"), to="sat")
     want = torch.load(vae_dirs / "3d-vae.pt", weights_only=True)["state_dict"]
     got = torch.load(back, weights_only=True)["state_dict"]
     want.pop("loss.logvar")  # SAT training leftovers are not part of the VAE
     assert_same_tensors({k: v.numpy() for k, v in got.items()}, {k: v.numpy() for k, v in want.items()})
-    folder = api.convert_main(str(native), str(tmp_path / "sat_dir"), to="sat")  # a folder holds 3d-vae.pt
-    assert (folder / vae_keys.SAT_FILE).is_file() and api.detect_model(folder) == "vae"
+    folder = registry.convert_main(str(native), str(tmp_path / "sat_dir"), to="sat")  # a folder holds 3d-vae.pt
+    assert (folder / vae_keys.SAT_FILE).is_file() and registry.detect_model(folder) == "vae"
 
 
 @functools.partial(jax.jit, static_argnums=0, compiler_options={"xla_backend_optimization_level": 0})
@@ -173,8 +173,8 @@ def t5_dir(tmp_path_factory):
 
 
 def test_t5_hf_native_hf_is_bit_exact(t5_dir, tmp_path):
-    native = api.convert_main(str(t5_dir), str(tmp_path / "native"), to="native")
-    back = api.convert_main(str(native), str(tmp_path / "back"), to="hf", max_shard_bytes=20_000)
+    native = registry.convert_main(str(t5_dir), str(tmp_path / "native"), to="native")
+    back = registry.convert_main(str(native), str(tmp_path / "back"), to="hf", max_shard_bytes=20_000)
     index = json.loads((back / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
@@ -239,18 +239,18 @@ def test_convert_cli_detects_each_model(vae_dirs, t5_dir, tmp_path, capsys):
     sources = {"vae": [vae_dirs / "diffusers", vae_dirs / "3d-vae.pt"], "t5": [t5_dir], "transformer": [transformer]}
     for model, paths in sources.items():
         for i, src in enumerate(paths):
-            assert api.detect_model(src) == model, src
+            assert registry.detect_model(src) == model, src
             dst = tmp_path / f"{model}{i}"
             assert cli.main(["convert", str(src), str(dst), *(["--config", "tiny"] if model == "vae" else [])]) == 0
             assert f"({model}, native, fp32)" in capsys.readouterr().out
-            assert api.detect_model(dst) == model  # the native folder says what it holds
+            assert registry.detect_model(dst) == model  # the native folder says what it holds
 
 
 def test_convert_refuses_a_format_the_model_lacks(vae_dirs, t5_dir, tmp_path, capsys):
     assert cli.main(["convert", str(t5_dir), str(tmp_path / "t5.pt"), "--to", "sat"]) == 2
     assert "a t5 converts to native | hf, not 'sat'" in capsys.readouterr().err
-    with pytest.raises(api.UnsupportedConversion, match=r"a vae converts to native \| sat \| diffusers, not 'hf'"):
-        api.convert_main(str(vae_dirs / "3d-vae.pt"), str(tmp_path / "x"), to="hf")
-    with pytest.raises(api.UnsupportedConversion, match="--sat-config"):
-        api.convert_main(str(vae_dirs / "diffusers"), str(tmp_path / "y"), sat_config="model.yaml")
+    with pytest.raises(registry.UnsupportedConversion, match=r"a vae converts to native \| sat \| diffusers, not 'hf'"):
+        registry.convert_main(str(vae_dirs / "3d-vae.pt"), str(tmp_path / "x"), to="hf")
+    with pytest.raises(registry.UnsupportedConversion, match="--sat-config"):
+        registry.convert_main(str(vae_dirs / "diffusers"), str(tmp_path / "y"), sat_config="model.yaml")
     assert not (tmp_path / "t5.pt").exists() and not (tmp_path / "x").exists()

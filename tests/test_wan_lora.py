@@ -19,7 +19,7 @@ from safetensors.numpy import load_file, save_file
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from insvie_jax.convert import wan_keys, wan_lora_keys  # noqa: E402
+from insvie_jax.convert import registry, wan_keys, wan_lora_keys  # noqa: E402
 from insvie_jax.models import lora as loralib  # noqa: E402
 from insvie_jax.models.params import module_from_flat, param_shapes  # noqa: E402
 from insvie_jax.models.wan import transformer as wan  # noqa: E402
@@ -125,6 +125,13 @@ def test_merge_and_reload_keep_the_numbers(tmp_path):
     save_file(kohya, tmp_path / "kohya.safetensors")
     reloaded = wan_lora_keys.load_wan_lora(ours_from(ref, TINY), tmp_path / "kohya.safetensors")
     assert rel(run_ours(reloaded, x), want) <= SELF_TOL
+
+    # `insvie-jax convert` (the codec registry) turns it into a diffusers-layout file, alpha folded into B
+    out = registry.convert_main(str(tmp_path / "kohya.safetensors"), str(tmp_path / "converted.safetensors"),
+                                to="diffusers")
+    assert registry.detect(out).format == "diffusers"
+    converted = wan_lora_keys.load_wan_lora(ours_from(ref, TINY), out)
+    assert rel(run_ours(converted, x), want) <= SELF_TOL
 
 
 def test_targets_and_fresh_adapters():

@@ -133,7 +133,7 @@ def main(argv=None) -> None:
     if args.side == "jax":
         rows = run_jax(args)
     else:
-        from insvie_jax.convert.torch_reference import wan_transformer_reference
+        from insvie_jax.bench.torch_reference import wan_transformer_reference
 
         from insvie_jax.convert.torch_reference import wan_sampling_loop_reference
 

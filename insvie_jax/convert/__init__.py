@@ -1,7 +1,23 @@
-"""Checkpoint readers and writers (SAT, diffusers, Hugging Face, native); the only package that may import torch."""
+"""Checkpoint codecs (SAT, diffusers, Hugging Face, native) behind one registry (registry.py); the only package
+that may import torch (bench/ aside). Names below are imported on first use, so the registry stays light."""
 
-from insvie_jax.convert.api import convert_main, load_transformer, save_transformer
-from insvie_jax.convert.t5_keys import load_t5, save_t5
-from insvie_jax.convert.vae_keys import load_vae, save_vae
+_LAZY = {
+    "convert_main": "insvie_jax.convert.registry",
+    "load_transformer": "insvie_jax.convert.api",
+    "save_transformer": "insvie_jax.convert.api",
+    "load_vae": "insvie_jax.convert.vae_keys",
+    "save_vae": "insvie_jax.convert.vae_keys",
+    "load_t5": "insvie_jax.convert.t5_keys",
+    "save_t5": "insvie_jax.convert.t5_keys",
+}
 
-__all__ = ["convert_main", "load_t5", "load_transformer", "load_vae", "save_t5", "save_transformer", "save_vae"]
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'insvie_jax.convert' has no attribute {name!r}")
+
+
+__all__ = list(_LAZY)

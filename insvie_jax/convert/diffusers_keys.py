@@ -2,7 +2,8 @@
 
 Pure numpy on both sides (no torch), so reading a diffusers safetensors folder needs no PyTorch.
 PyTorch layouts: Linear weight (out, in), Conv2d weight (out, in, kh, kw). Ours: kernels (in..., out...),
-patch kernel (kh, kw, in, out), per-layer parameters stacked on a leading `layers` axis.
+patch kernel (kh, kw, in, out), per-layer parameters stacked on a leading `layers` axis. `RULES` is the one
+table (convert/mapping.py) both directions read.
 """
 
 from __future__ import annotations
@@ -12,127 +13,66 @@ import dataclasses
 import numpy as np
 
 from insvie_jax.config import ModelConfig
+from insvie_jax.convert import mapping
+from insvie_jax.convert.mapping import LINEAR, VECTOR, Rule, fused, linear, rule, transpose
 from insvie_jax.convert.sat import NotACheckpoint
+from insvie_jax.models import transformer as tr
+from insvie_jax.models.params import param_shapes
 
-_BLOCK_NORMS = ("norm1", "norm2")
+
+def _linear_pair(ours: str, theirs: str) -> list[Rule]:
+    return [rule(f"{ours}.kernel", f"{theirs}.weight", LINEAR), rule(f"{ours}.bias", f"{theirs}.bias", VECTOR)]
 
 
-def _linear(w: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(w.T)
+def _norm_pair(ours: str, theirs: str) -> list[Rule]:
+    return [rule(f"{ours}.scale", f"{theirs}.weight", VECTOR), rule(f"{ours}.bias", f"{theirs}.bias", VECTOR)]
+
+
+_B = "transformer_blocks.{i}."
+RULES = [
+    rule("patch_embed.proj_edit.kernel", "patch_embed.proj.weight", transpose((2, 3, 1, 0))),
+    rule("patch_embed.proj_edit.bias", "patch_embed.proj.bias", VECTOR),
+    *_linear_pair("patch_embed.text_proj", "patch_embed.text_proj"),
+    *_linear_pair("time_embedding.linear_1", "time_embedding.linear_1"),
+    *_linear_pair("time_embedding.linear_2", "time_embedding.linear_2"),
+    *_norm_pair("norm_final", "norm_final"),
+    *_linear_pair("norm_out.linear", "norm_out.linear"),
+    *_norm_pair("norm_out.norm", "norm_out.norm"),
+    *_linear_pair("proj_out", "proj_out"),
+    *[r for norm in ("norm1", "norm2") for r in _linear_pair(f"blocks.{norm}.linear", f"{_B}{norm}.linear")
+      + _norm_pair(f"blocks.{norm}.norm", f"{_B}{norm}.norm")],
+    rule("blocks.attn.qkv.kernel", [f"{_B}attn1.to_{n}.weight" for n in "qkv"], fused(LINEAR, axis=1)),
+    rule("blocks.attn.qkv.bias", [f"{_B}attn1.to_{n}.bias" for n in "qkv"], fused(VECTOR, axis=0)),
+    *_norm_pair("blocks.attn.norm_q", f"{_B}attn1.norm_q"),
+    *_norm_pair("blocks.attn.norm_k", f"{_B}attn1.norm_k"),
+    rule("blocks.attn.out.kernel", f"{_B}attn1.to_out.0.weight", linear(2)),
+    rule("blocks.attn.out.bias", f"{_B}attn1.to_out.0.bias", VECTOR),
+    *_linear_pair("blocks.ff.w1", f"{_B}ff.net.0.proj"),
+    *_linear_pair("blocks.ff.w2", f"{_B}ff.net.2"),
+]
+
+
+def _check_double_ch(cfg: ModelConfig) -> None:
+    if cfg.patch_embed != "double_ch":
+        raise ValueError("diffusers has no fix_proj patch embedding; only model.patch_embed=double_ch converts")
 
 
 def transformer_from_diffusers(sd: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, np.ndarray]:
     """diffusers state dict (edit model: `patch_embed.proj` with 2C input channels) -> our flat params."""
-    if cfg.patch_embed != "double_ch":
-        raise ValueError("diffusers has no fix_proj patch embedding; only model.patch_embed=double_ch converts")
-    h, hd, d = cfg.num_attention_heads, cfg.attention_head_dim, cfg.hidden_size
-    out: dict[str, np.ndarray] = {
-        "patch_embed.proj_edit.kernel": np.ascontiguousarray(sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0)),
-        "patch_embed.proj_edit.bias": sd["patch_embed.proj.bias"],
-        "patch_embed.text_proj.kernel": _linear(sd["patch_embed.text_proj.weight"]),
-        "patch_embed.text_proj.bias": sd["patch_embed.text_proj.bias"],
-        "time_embedding.linear_1.kernel": _linear(sd["time_embedding.linear_1.weight"]),
-        "time_embedding.linear_1.bias": sd["time_embedding.linear_1.bias"],
-        "time_embedding.linear_2.kernel": _linear(sd["time_embedding.linear_2.weight"]),
-        "time_embedding.linear_2.bias": sd["time_embedding.linear_2.bias"],
-        "norm_final.scale": sd["norm_final.weight"],
-        "norm_final.bias": sd["norm_final.bias"],
-        "norm_out.linear.kernel": _linear(sd["norm_out.linear.weight"]),
-        "norm_out.linear.bias": sd["norm_out.linear.bias"],
-        "norm_out.norm.scale": sd["norm_out.norm.weight"],
-        "norm_out.norm.bias": sd["norm_out.norm.bias"],
-        "proj_out.kernel": _linear(sd["proj_out.weight"]),
-        "proj_out.bias": sd["proj_out.bias"],
-    }
-    layers: dict[str, list] = {}
-
-    def add(key, value):
-        layers.setdefault(key, []).append(value)
-
-    for i in range(cfg.num_layers):
-        pre = f"transformer_blocks.{i}."
-        for norm in _BLOCK_NORMS:
-            add(f"blocks.{norm}.linear.kernel", _linear(sd[pre + f"{norm}.linear.weight"]))
-            add(f"blocks.{norm}.linear.bias", sd[pre + f"{norm}.linear.bias"])
-            add(f"blocks.{norm}.norm.scale", sd[pre + f"{norm}.norm.weight"])
-            add(f"blocks.{norm}.norm.bias", sd[pre + f"{norm}.norm.bias"])
-        a = pre + "attn1."
-        qkv_w = np.stack([sd[a + f"to_{n}.weight"].T.reshape(d, h, hd) for n in "qkv"], axis=1)
-        qkv_b = np.stack([sd[a + f"to_{n}.bias"].reshape(h, hd) for n in "qkv"], axis=0)
-        add("blocks.attn.qkv.kernel", qkv_w)
-        add("blocks.attn.qkv.bias", qkv_b)
-        for n in "qk":
-            add(f"blocks.attn.norm_{n}.scale", sd[a + f"norm_{n}.weight"])
-            add(f"blocks.attn.norm_{n}.bias", sd[a + f"norm_{n}.bias"])
-        add("blocks.attn.out.kernel", sd[a + "to_out.0.weight"].T.reshape(h, hd, d))
-        add("blocks.attn.out.bias", sd[a + "to_out.0.bias"])
-        add("blocks.ff.w1.kernel", _linear(sd[pre + "ff.net.0.proj.weight"]))
-        add("blocks.ff.w1.bias", sd[pre + "ff.net.0.proj.bias"])
-        add("blocks.ff.w2.kernel", _linear(sd[pre + "ff.net.2.weight"]))
-        add("blocks.ff.w2.bias", sd[pre + "ff.net.2.bias"])
-    out.update({k: np.stack(v) for k, v in layers.items()})
-    return out
+    _check_double_ch(cfg)
+    return mapping.to_ours(RULES, sd, param_shapes(tr.abstract(cfg)))
 
 
 def transformer_to_diffusers(flat: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, np.ndarray]:
     """Our flat params -> a diffusers state dict that `CogVideoXTransformer3DModel(in_channels=2C)` loads."""
-    return {k: np.ascontiguousarray(v) for k, v in _diffusers_views(flat, cfg).items()}
+    _check_double_ch(cfg)
+    return mapping.to_theirs(RULES, flat)
 
 
 def diffusers_shapes(our_shapes: dict[str, tuple], cfg: ModelConfig) -> dict[str, tuple]:
-    """The diffusers state-dict shapes of our parameters of these shapes (no memory: zero-stride views)."""
-    zeros = {k: np.broadcast_to(np.float32(0), s) for k, s in our_shapes.items()}
-    return {k: v.shape for k, v in _diffusers_views(zeros, cfg).items()}
-
-
-def _diffusers_views(flat: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, np.ndarray]:
-    if cfg.patch_embed != "double_ch":
-        raise ValueError("diffusers has no fix_proj patch embedding; only model.patch_embed=double_ch converts")
-    d = cfg.hidden_size
-    sd: dict[str, np.ndarray] = {
-        "patch_embed.proj.weight": flat["patch_embed.proj_edit.kernel"].transpose(3, 2, 0, 1),
-        "patch_embed.proj.bias": flat["patch_embed.proj_edit.bias"],
-        "patch_embed.text_proj.weight": flat["patch_embed.text_proj.kernel"].T,
-        "patch_embed.text_proj.bias": flat["patch_embed.text_proj.bias"],
-        "time_embedding.linear_1.weight": flat["time_embedding.linear_1.kernel"].T,
-        "time_embedding.linear_1.bias": flat["time_embedding.linear_1.bias"],
-        "time_embedding.linear_2.weight": flat["time_embedding.linear_2.kernel"].T,
-        "time_embedding.linear_2.bias": flat["time_embedding.linear_2.bias"],
-        "norm_final.weight": flat["norm_final.scale"],
-        "norm_final.bias": flat["norm_final.bias"],
-        "norm_out.linear.weight": flat["norm_out.linear.kernel"].T,
-        "norm_out.linear.bias": flat["norm_out.linear.bias"],
-        "norm_out.norm.weight": flat["norm_out.norm.scale"],
-        "norm_out.norm.bias": flat["norm_out.norm.bias"],
-        "proj_out.weight": flat["proj_out.kernel"].T,
-        "proj_out.bias": flat["proj_out.bias"],
-    }
-    for i in range(cfg.num_layers):
-        pre = f"transformer_blocks.{i}."
-
-        def layer(key):
-            return flat[key][i]
-
-        for norm in _BLOCK_NORMS:
-            sd[pre + f"{norm}.linear.weight"] = layer(f"blocks.{norm}.linear.kernel").T
-            sd[pre + f"{norm}.linear.bias"] = layer(f"blocks.{norm}.linear.bias")
-            sd[pre + f"{norm}.norm.weight"] = layer(f"blocks.{norm}.norm.scale")
-            sd[pre + f"{norm}.norm.bias"] = layer(f"blocks.{norm}.norm.bias")
-        a = pre + "attn1."
-        qkv_w, qkv_b = layer("blocks.attn.qkv.kernel"), layer("blocks.attn.qkv.bias")
-        for j, n in enumerate("qkv"):
-            sd[a + f"to_{n}.weight"] = qkv_w[:, j].reshape(d, d).T
-            sd[a + f"to_{n}.bias"] = qkv_b[j].reshape(d)
-        for n in "qk":
-            sd[a + f"norm_{n}.weight"] = layer(f"blocks.attn.norm_{n}.scale")
-            sd[a + f"norm_{n}.bias"] = layer(f"blocks.attn.norm_{n}.bias")
-        sd[a + "to_out.0.weight"] = layer("blocks.attn.out.kernel").reshape(d, d).T
-        sd[a + "to_out.0.bias"] = layer("blocks.attn.out.bias")
-        sd[pre + "ff.net.0.proj.weight"] = layer("blocks.ff.w1.kernel").T
-        sd[pre + "ff.net.0.proj.bias"] = layer("blocks.ff.w1.bias")
-        sd[pre + "ff.net.2.weight"] = layer("blocks.ff.w2.kernel").T
-        sd[pre + "ff.net.2.bias"] = layer("blocks.ff.w2.bias")
-    return sd
+    """The diffusers state-dict shapes of our parameters of these shapes."""
+    _check_double_ch(cfg)
+    return mapping.their_shapes(RULES, our_shapes)
 
 
 def diffusers_config(cfg: ModelConfig) -> dict:

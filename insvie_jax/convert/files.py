@@ -24,6 +24,13 @@ import numpy as np
 from insvie_jax.convert.sat import ConvertError, NotACheckpoint
 
 DTYPES = {"fp32": np.float32, "bf16": ml_dtypes.bfloat16, "fp16": np.float16}
+TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # config.json's "dtype"
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+DIFFUSERS_SHARD_BYTES = 10 * 2**30  # diffusers' default shard size
+HF_WEIGHTS = "model.safetensors"
+HF_SHARD_BYTES = 5 * 10**9  # transformers' customary shard size ("5GB")
+TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json")
 
 Progress = Callable[[Iterable, str], Iterable]
 
@@ -171,6 +178,26 @@ def write_safetensors(sd: dict[str, np.ndarray], out: Path, weights: str, max_sh
     (out / (weights + ".index.json")).write_text(json.dumps(index, indent=2))
 
 
+def write_folder(out: Path, config: dict, sd: dict[str, np.ndarray], weights: str, dtype: str,
+                 max_shard_bytes: int, progress: Progress = quiet) -> None:
+    """A diffusers / Hugging Face model folder: `config.json` and the tensors of `sd` cast to `dtype`."""
+    out.mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    write_safetensors(cast(sd, dtype, progress), out, weights, max_shard_bytes, progress)
+
+
+def read_folder(folder: Path, weights: str, progress: Progress = quiet) -> dict[str, np.ndarray]:
+    """The tensors of a model folder's `weights` (the single file, or the shards its index names)."""
+    names = safetensors_files(folder, weights)
+    missing = [f for f in names if not (folder / f).exists()]
+    if missing:
+        raise FileNotFoundError(f"{folder}: missing {missing} (only safetensors weights are read)")
+    sd = {}
+    for name in names:
+        sd.update(read_safetensors(folder / name, progress))
+    return sd
+
+
 def read_safetensors(file: Path, progress: Progress = quiet) -> dict[str, np.ndarray]:
     """The tensors of one safetensors file; a truncated or corrupt file raises NotACheckpoint naming it."""
     from safetensors import SafetensorError, safe_open
@@ -199,3 +226,24 @@ def package_version(name: str, fallback: str) -> str:
         return version(name)
     except PackageNotFoundError:  # the library is not needed to write its format
         return fallback
+
+
+def tokenizer_folder(path: str | Path) -> Path | None:
+    """Where the tokenizer files of a text encoder folder are: the folder itself, its `tokenizer/`, or the
+    `tokenizer/` beside it (a pipeline's `text_encoder/`); None when there are none."""
+    path = Path(path)
+    for folder in (path, path / "tokenizer", path.parent / "tokenizer"):
+        if any((folder / name).is_file() for name in TOKENIZER_FILES[:2]):
+            return folder
+    return None
+
+
+def copy_tokenizer(source: str | Path, out: Path) -> None:
+    """Copies the tokenizer files (spiece.model, tokenizer_config.json, ...) of `source` beside the weights."""
+    folder = tokenizer_folder(source)
+    if folder is None:
+        raise FileNotFoundError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {source} or its tokenizer/ "
+                                "folder")
+    for name in TOKENIZER_FILES:
+        if (folder / name).is_file():
+            shutil.copy2(folder / name, out / name)

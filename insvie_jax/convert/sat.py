@@ -20,6 +20,8 @@ import numpy as np
 
 STATES_FILE = "mp_rank_00_model_states.pt"
 ITERATION_TAG = "1"
+VAE_FILE = "3d-vae.pt"
+SUFFIXES = (".pt", ".pth", ".ckpt")
 
 
 class ConvertError(ValueError):
@@ -59,6 +61,28 @@ def states_file(path: str | Path) -> Path:
 def is_sat(path: str | Path) -> bool:
     path = Path(path)
     return (path.is_file() and path.suffix == ".pt") or (path / "latest").is_file() or (path / STATES_FILE).is_file()
+
+
+def vae_file(path: str | Path) -> Path | None:
+    """The SAT VAE `.pt` that `path` names: the file itself, or the `3d-vae.pt` in a folder."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / VAE_FILE
+    return path if path.is_file() and path.suffix in SUFFIXES else None
+
+
+def is_sat_vae(path: str | Path) -> bool:
+    """Whether `path` is (or is a folder holding) a torch file whose `state_dict` has `encoder.`/`decoder.` keys."""
+    file = vae_file(path)
+    if file is None or (Path(path) / "config.json").exists():
+        return False
+    try:
+        saved = torch_load(file)
+    except (NotACheckpoint, OSError):  # not readable as weights: not a SAT VAE
+        # (the transformer reader, which gets everything else, names the problem)
+        return False
+    sd = saved.get("state_dict") if isinstance(saved, dict) else None
+    return isinstance(sd, dict) and any(str(k).startswith(("encoder.", "decoder.")) for k in sd)
 
 
 def _to_numpy(tensor) -> np.ndarray:

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -25,116 +23,43 @@ from jax.sharding import Mesh, NamedSharding, Sharding
 
 from insvie_jax import config as config_lib
 from insvie_jax.config import MeshConfig, TextEncoderConfig
-from insvie_jax.convert import files
+from insvie_jax.convert import files, mapping, registry
 from insvie_jax.convert.files import Progress, quiet
+from insvie_jax.convert.mapping import LINEAR, VECTOR, fused, linear, rule
 from insvie_jax.convert.sat import NotACheckpoint
 from insvie_jax.models import t5
 from insvie_jax.models.params import check_params, flat_params
 from insvie_jax.parallel.sharding import logical_to_spec
 
-FORMATS = ("native", "hf")
-NATIVE_FORMAT = "insvie-jax-t5"
-WEIGHTS = "model.safetensors"
-MAX_SHARD_BYTES = 5 * 10**9  # transformers' customary shard size ("5GB")
-TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json")
+WEIGHTS = files.HF_WEIGHTS
+MAX_SHARD_BYTES = files.HF_SHARD_BYTES
+TOKENIZER_FILES = files.TOKENIZER_FILES
 
 EMBED_KEY = "encoder.embed_tokens.weight"
 SHARED_KEY = "shared.weight"  # the same (tied) table; a file written with tied weights may hold only this one
 BIAS_KEY = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
-FINAL_NORM_KEY = "encoder.final_layer_norm.weight"
-
-Read = Callable[[str], np.ndarray]
 
 _LAYER = "encoder.block.{i}."
 _ATTN = _LAYER + "layer.0.SelfAttention."
 _FF = _LAYER + "layer.1.DenseReluDense."
 
-
-@dataclasses.dataclass(frozen=True)
-class _Rule:
-    """One of our parameters and the Hugging Face tensors it is made of. `hf` names with `{i}` are per layer
-    (ours stacks them on a leading axis); several names are fused on axis 1 of ours (after the input axis);
-    `linear` tensors are PyTorch (out, in) matrices, so ours holds them transposed."""
-
-    hf: tuple[str, ...]
-    linear: bool = False
-
-    @property
-    def stacked(self) -> bool:
-        return "{i}" in self.hf[0]
-
-
-RULES = {
-    "embedding": _Rule((EMBED_KEY,)),
-    "relative_attention_bias": _Rule((BIAS_KEY,)),
-    "final_norm.scale": _Rule((FINAL_NORM_KEY,)),
-    "blocks.attn_norm.scale": _Rule((_LAYER + "layer.0.layer_norm.weight",)),
-    "blocks.attn.qkv.kernel": _Rule(tuple(_ATTN + f"{n}.weight" for n in "qkv"), linear=True),
-    "blocks.attn.out.kernel": _Rule((_ATTN + "o.weight",), linear=True),
-    "blocks.ff_norm.scale": _Rule((_LAYER + "layer.1.layer_norm.weight",)),
-    "blocks.ff.wi.kernel": _Rule((_FF + "wi_0.weight", _FF + "wi_1.weight"), linear=True),
-    "blocks.ff.wo.kernel": _Rule((_FF + "wo.weight",), linear=True),
-}
-
-
-def _torch_shapes(cfg: TextEncoderConfig) -> dict[str, tuple[int, ...]]:
-    """PyTorch shape of each Hugging Face tensor name template (layer names with `{i}`)."""
-    d, inner, f = cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.d_ff
-    return {
-        EMBED_KEY: (cfg.vocab_size, d),
-        BIAS_KEY: (cfg.relative_attention_num_buckets, cfg.num_heads),
-        FINAL_NORM_KEY: (d,),
-        _LAYER + "layer.0.layer_norm.weight": (d,),
-        **{_ATTN + f"{n}.weight": (inner, d) for n in "qkv"},
-        _ATTN + "o.weight": (d, inner),
-        _LAYER + "layer.1.layer_norm.weight": (d,),
-        _FF + "wi_0.weight": (f, d),
-        _FF + "wi_1.weight": (f, d),
-        _FF + "wo.weight": (d, f),
-    }
+# q|k|v fused into one (embed, 3, heads, head_dim) kernel and wi_0|wi_1 into one (embed, 2, mlp) kernel.
+RULES = [
+    rule("embedding", EMBED_KEY),
+    rule("relative_attention_bias", BIAS_KEY),
+    rule("final_norm.scale", "encoder.final_layer_norm.weight", VECTOR),
+    rule("blocks.attn_norm.scale", _LAYER + "layer.0.layer_norm.weight", VECTOR),
+    rule("blocks.attn.qkv.kernel", [_ATTN + f"{n}.weight" for n in "qkv"], fused(LINEAR, axis=1)),
+    rule("blocks.attn.out.kernel", _ATTN + "o.weight", linear(2)),
+    rule("blocks.ff_norm.scale", _LAYER + "layer.1.layer_norm.weight", VECTOR),
+    rule("blocks.ff.wi.kernel", [_FF + "wi_0.weight", _FF + "wi_1.weight"], fused(LINEAR, axis=1)),
+    rule("blocks.ff.wo.kernel", _FF + "wo.weight", LINEAR),
+]
 
 
 def hf_shapes(cfg: TextEncoderConfig) -> dict[str, tuple[int, ...]]:
     """Every Hugging Face encoder tensor our model needs, with its PyTorch shape."""
-    shapes = {}
-    for name, shape in _torch_shapes(cfg).items():
-        for i in range(cfg.num_layers) if "{i}" in name else (None,):
-            shapes[name.format(i=i)] = shape
-    return shapes
-
-
-def _to_ours(rule: _Rule, read: Read, shape: tuple[int, ...], layer: int | None = None) -> np.ndarray:
-    """Our parameter (one layer's slice of it when stacked), of `shape`, from the Hugging Face tensors."""
-    parts = [read(name.format(i=layer)) for name in rule.hf]
-    if rule.linear:
-        parts = [p.T for p in parts]
-    return (parts[0] if len(parts) == 1 else np.stack(parts, axis=1)).reshape(shape)
-
-
-def _to_hf(rule: _Rule, ours: np.ndarray, torch_shapes: dict[str, tuple[int, ...]]) -> list[np.ndarray]:
-    """The inverse of `_to_ours`: the Hugging Face tensors (in `rule.hf` order) of our parameter or layer slice."""
-    parts = [ours] if len(rule.hf) == 1 else [np.take(ours, j, axis=1) for j in range(len(rule.hf))]
-    out = []
-    for name, part in zip(rule.hf, parts):
-        shape = torch_shapes[name]
-        out.append(np.ascontiguousarray(part.reshape(shape[::-1]).T if rule.linear else part.reshape(shape)))
-    return out
-
-
-def _convert_slice(rule: _Rule, read: Read, shape, dtype, index=None) -> np.ndarray:
-    """One parameter (or the `index` block of it that one device holds), in `dtype`."""
-    index = index or tuple(slice(None) for _ in shape)
-    if not rule.stacked:
-        return np.ascontiguousarray(_to_ours(rule, read, shape)[index], dtype)
-    layers = range(shape[0])[index[0]]
-    out = None
-    for j, i in enumerate(layers):
-        layer = _to_ours(rule, read, shape[1:], i)[index[1:]]
-        if out is None:
-            out = np.empty((len(layers), *layer.shape), dtype)
-        out[j] = layer
-    return out
+    return mapping.their_shapes(RULES, _our_shapes(cfg))
 
 
 def t5_from_hf(state_dict: dict[str, np.ndarray], cfg: TextEncoderConfig,
@@ -145,20 +70,13 @@ def t5_from_hf(state_dict: dict[str, np.ndarray], cfg: TextEncoderConfig,
         sd[EMBED_KEY] = sd[SHARED_KEY]
     found = {k: tuple(np.shape(v)) for k, v in sd.items() if k.startswith("encoder.")}
     check_params(hf_shapes(cfg), found, "T5 state dict")
-    shapes = _our_shapes(cfg)
-    return {name: _convert_slice(rule, sd.__getitem__, shapes[name], dtype) for name, rule in RULES.items()}
+    return mapping.to_ours(RULES, sd, _our_shapes(cfg), dtype)
 
 
 def t5_to_hf(flat: dict[str, np.ndarray], cfg: TextEncoderConfig) -> dict[str, np.ndarray]:
     """Our flat params -> the state dict `T5EncoderModel.save_pretrained` writes (tokens table as `shared.weight`)."""
     check_params(_our_shapes(cfg), {k: np.shape(v) for k, v in flat.items()}, "T5 parameters")
-    torch_shapes = _torch_shapes(cfg)
-    sd = {}
-    for name, rule in RULES.items():
-        value = np.asarray(flat[name])
-        for layer in range(cfg.num_layers) if rule.stacked else (None,):
-            tensors = _to_hf(rule, value if layer is None else value[layer], torch_shapes)
-            sd.update({hf.format(i=layer): t for hf, t in zip(rule.hf, tensors)})
+    sd = mapping.to_theirs(RULES, flat)
     sd[SHARED_KEY] = sd.pop(EMBED_KEY)
     return sd
 
@@ -286,11 +204,9 @@ def _open(path: str | Path, config: TextEncoderConfig | None, progress: Progress
     """(our config, value) of a Hugging Face or native T5 folder; `value(name, shape, dtype, index=None)` is our
     parameter `name` (or its `index` block) in `dtype`, built from the checkpoint on demand."""
     folder = _model_folder(path)
-    if files.native_format(folder) == NATIVE_FORMAT:
-        flat, meta = files.read_native(folder, NATIVE_FORMAT, progress)
-        stored = config_lib.from_dict({"text_encoder": meta["text_encoder"]}).text_encoder
-        cfg = dataclasses.replace(config_from_hf(hf_config(stored), config), path=str(path))
-        check_params(_our_shapes(cfg), {k: v.shape for k, v in flat.items()}, f"native T5 checkpoint {folder}")
+    if registry.detect(folder, "t5").format == "native":
+        flat, cfg, _ = registry.read(folder, "t5", base=config, progress=progress)
+        cfg = dataclasses.replace(cfg, path=str(path))
 
         def value(name, shape, dtype, index=None):
             return np.ascontiguousarray(flat[name][index or ...], dtype)
@@ -298,14 +214,21 @@ def _open(path: str | Path, config: TextEncoderConfig | None, progress: Progress
         return cfg, value
     cfg = config_from_hf(json.loads((folder / "config.json").read_text()), config)
     cfg = dataclasses.replace(cfg, path=str(path))
+    return cfg, _hf_values(folder, RULES, hf_shapes(cfg), f"T5 checkpoint {folder}", _our_shapes(cfg))
+
+
+def _hf_values(folder: Path, rules, expected: dict, what: str, our_shapes: dict):
+    """`value(name, shape, dtype, index=None)`: our parameter (or its `index` block) converted on demand from a
+    Hugging Face folder's memory-mapped tensors, after checking their names and shapes against `expected`."""
     reader = _SafetensorsFolder(folder)
     found = {k: v for k, v in reader.shapes().items() if k.startswith("encoder.")}
-    check_params(hf_shapes(cfg), found, f"T5 checkpoint {folder}")
+    check_params(expected, found, what)
+    rule_of = {name: r for r in rules for name in r.ours}
 
     def value(name, shape, dtype, index=None):
-        return _convert_slice(RULES[name], reader, shape, dtype, index)
+        return mapping.convert_rule(rule_of[name], reader, our_shapes, dtype, index)[name]
 
-    return cfg, value
+    return value
 
 
 def load_t5(
@@ -347,60 +270,50 @@ def load_t5(
 def read_t5(path: str | Path, config: TextEncoderConfig | None = None, dtype=np.float32,
             progress: Progress = quiet) -> tuple[dict[str, np.ndarray], TextEncoderConfig]:
     """(flat params in `dtype`, config) of a Hugging Face or native T5 folder, without building the model."""
-    cfg, value = _open(path, config, progress)
-    shapes = _our_shapes(cfg)
-    return {name: value(name, shapes[name], dtype) for name in progress(list(RULES), "convert T5")}, cfg
-
-
-# ---------------------------------------------------------------------------------------------------
-# Writers
-
-
-def tokenizer_folder(path: str | Path) -> Path | None:
-    """Where the tokenizer files of a T5 folder are: the folder itself, its `tokenizer/`, or the `tokenizer/`
-    beside it (a pipeline's `text_encoder/`); None when there are none."""
-    path = Path(path)
-    for folder in (path, path / "tokenizer", path.parent / "tokenizer"):
-        if any((folder / name).is_file() for name in TOKENIZER_FILES[:2]):
-            return folder
-    return None
+    flat, cfg, _ = registry.read(path, "t5", base=config, progress=progress)
+    return {k: np.asarray(v, dtype) for k, v in flat.items()}, dataclasses.replace(cfg, path=str(path))
 
 
 def write_t5(flat: dict[str, np.ndarray], cfg: TextEncoderConfig, path: str | Path, format: str = "native",
              dtype: str = "fp32", tokenizer_from: str | Path | None = None, progress: Progress = quiet,
-             max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+             max_shard_bytes: int | None = None) -> Path:
     """Writes `flat` as `format` ("native" | "hf": a folder `T5EncoderModel.from_pretrained` loads, sharded with
-    an index beyond `max_shard_bytes`) via a temporary sibling renamed at the end, with the tokenizer files of
-    `tokenizer_from` (spiece.model, tokenizer_config.json, ...) copied beside the weights. Returns the path."""
-    if format not in FORMATS:
-        raise ValueError(f"T5 format {format!r}: expected one of {', '.join(FORMATS)}")
-    check_params(_our_shapes(cfg), {k: np.shape(v) for k, v in flat.items()}, "T5 parameters to save")
-    tokenizer = []
-    if tokenizer_from is not None:
-        folder = tokenizer_folder(tokenizer_from)
-        if folder is None:
-            raise FileNotFoundError(f"no T5 tokenizer files ({', '.join(TOKENIZER_FILES)}) in {tokenizer_from} "
-                                    "or its tokenizer/ folder")
-        tokenizer = [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
-    with files.staged(path, files.output_bytes(flat, dtype)) as tmp:
-        if format == "native":
-            files.write_native(files.cast(flat, dtype, progress), NATIVE_FORMAT, "text_encoder", cfg, tmp, progress)
-        else:
-            tmp.mkdir(parents=True)
-            config = {**hf_config(cfg), "dtype": {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]}
-            (tmp / "config.json").write_text(json.dumps(config, indent=2))
-            files.write_safetensors(files.cast(t5_to_hf(flat, cfg), dtype, progress), tmp, WEIGHTS, max_shard_bytes,
-                                    progress)
-        for file in tokenizer:
-            shutil.copy2(file, tmp / file.name)
-    return Path(path).absolute()
+    an index beyond `max_shard_bytes`), staged, with the tokenizer files of `tokenizer_from` (spiece.model,
+    tokenizer_config.json, ...) copied beside the weights. Returns the path."""
+    return registry.write(flat, cfg, path, "t5", format, dtype=dtype, progress=progress,
+                          max_shard_bytes=max_shard_bytes, tokenizer_from=tokenizer_from)
 
 
 def save_t5(model: t5.T5Encoder, t5_cfg: TextEncoderConfig, path: str | Path, format: str = "native",
             dtype: str = "fp32", tokenizer_from: str | Path | None = None,
-            max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+            max_shard_bytes: int | None = None) -> Path:
     """Writes the encoder's parameters as `format` ("native" | "hf") in `dtype` ("fp32" | "bf16"); see `write_t5`."""
     return write_t5(flat_params(model), t5_cfg, path, format, dtype, tokenizer_from, max_shard_bytes=max_shard_bytes)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Codecs (convert/registry.py)
+
+
+def check(flat: dict[str, np.ndarray], cfg: TextEncoderConfig, what: str) -> None:
+    check_params(_our_shapes(cfg), {k: np.shape(v) for k, v in flat.items()}, what)
+
+
+def native_config(section: dict, options, path) -> TextEncoderConfig:
+    stored = config_lib.from_dict({"text_encoder": section}).text_encoder
+    return dataclasses.replace(config_from_hf(hf_config(stored), options.base), path=str(path))
+
+
+def read_hf(path: Path, options):
+    cfg, value = _open(path, options.base, options.progress)
+    shapes, dtype = _our_shapes(cfg), files.DTYPES[options.dtype]
+    return {name: value(name, shapes[name], dtype) for name in options.progress(list(shapes), "convert T5")}, cfg
+
+
+def write_hf(flat, cfg: TextEncoderConfig, folder: Path, options) -> None:
+    config = {**hf_config(cfg), "dtype": files.TORCH_DTYPE_NAMES[options.dtype]}
+    files.write_folder(folder, config, t5_to_hf(flat, cfg), WEIGHTS, options.dtype,
+                       options.max_shard_bytes or MAX_SHARD_BYTES, options.progress)
 
 
 def load_tokenizer(path: str | Path):

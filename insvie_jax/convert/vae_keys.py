@@ -7,7 +7,8 @@ the VAE's checkpoints read and written in three formats:
 - `native`: `config.json` (our VAEConfig) + `params/` (orbax), as the transformer's native format.
 
 Our names are diffusers' with the convolution wrapper dropped (`conv1.conv.weight` -> `conv1.kernel`), norm
-weights called `scale`, and the resamplers called `downsample` / `upsample` (diffusers `downsamplers.0.conv`).
+weights called `scale`, and the resamplers called `downsample` / `upsample` (diffusers `downsamplers.0.conv`):
+the pattern table `ROWS`, read both ways (convert/mapping.py).
 PyTorch layouts: Conv3d (out, in, t, h, w), Conv2d (out, in, h, w). Ours: (t, h, w, in, out), (h, w, in, out),
 and 1x1x1 convolutions as (in, out) matrices. The key mapping is numpy only; only the SAT `.pt` reader
 imports torch (lazily).
@@ -25,18 +26,15 @@ import numpy as np
 
 from insvie_jax import config as config_lib
 from insvie_jax.config import VAEConfig
-from insvie_jax.convert import files, sat
+from insvie_jax.convert import files, mapping, registry, sat
 from insvie_jax.convert.files import Progress, quiet
+from insvie_jax.convert.mapping import CONV2D, CONV3D, VECTOR, pointwise
 from insvie_jax.convert.sat import NotACheckpoint
 from insvie_jax.models import vae as vae_model
 from insvie_jax.models.params import check_params, flat_params, module_from_flat, param_shapes
 
-FORMATS = ("native", "sat", "diffusers")
-NATIVE_FORMAT = "insvie-jax-vae"
-WEIGHTS = "diffusion_pytorch_model.safetensors"
-SAT_FILE = "3d-vae.pt"
-SAT_SUFFIXES = (".pt", ".pth", ".ckpt")
-MAX_SHARD_BYTES = 10 * 2**30  # diffusers' default shard size
+WEIGHTS = files.DIFFUSERS_WEIGHTS
+SAT_FILE = sat.VAE_FILE
 
 # SAT -> diffusers renames, applied in this order to every key (CogVideo tools/convert_weight_sat2hf.py,
 # VAE_KEYS_RENAME_DICT); afterwards SAT's decoder `up.{i}` becomes `up_blocks.{n - 1 - i}` and `loss.*` goes.
@@ -53,8 +51,6 @@ _SAT_RENAMES = (
 )
 _SAT_UP = re.compile(r"^decoder\.up\.(\d+)\.")
 _DIFFUSERS_UP = re.compile(r"^decoder\.up_blocks\.(\d+)\.")
-_RESAMPLER = re.compile(r"\.(down|up)samplers\.0\.conv\.")
-_OUR_RESAMPLER = re.compile(r"\.(down|up)sample$")
 # config.json values every CogVideoX VAE has and the model assumes
 _FIXED_CONFIG = {"in_channels": 3, "out_channels": 3, "act_fn": "silu", "use_quant_conv": False,
                  "use_post_quant_conv": False}
@@ -64,53 +60,28 @@ _FIXED_CONFIG = {"in_channels": 3, "out_channels": 3, "act_fn": "silu", "use_qua
 # diffusers <-> ours
 
 
-def _our_key(key: str, ndim: int) -> str:
-    key = _RESAMPLER.sub(r".\1sample.", key)
-    key = key.replace(".conv.weight", ".weight").replace(".conv.bias", ".bias")
-    if key.endswith(".weight"):
-        key = key[: -len("weight")] + ("scale" if ndim == 1 else "kernel")
-    return key
+# (module regex, diffusers suffix, our suffix, hook): the first row that fits a name applies, either way.
+ROWS = (
+    (r"\.(down|up)$", "samplers.0.conv.weight", "sample.kernel", CONV2D),  # the resamplers
+    (r"\.(down|up)$", "samplers.0.conv.bias", "sample.bias", VECTOR),
+    (r"conv_shortcut$", ".weight", ".kernel", pointwise(3)),  # a plain 1x1x1 Conv3d
+    (r"conv_shortcut$", ".bias", ".bias", VECTOR),
+    (r"\.conv_[yb]$", ".conv.weight", ".kernel", pointwise(3)),  # the spatial norm's 1x1x1 causal convs
+    (r"\.conv\w*$", ".conv.weight", ".kernel", CONV3D),  # causal convs wrap their Conv3d as `.conv`
+    (r"\.conv\w*$", ".conv.bias", ".bias", VECTOR),
+    (r"", ".weight", ".scale", VECTOR),  # norms
+    (r"", ".bias", ".bias", VECTOR),
+)
 
 
 def vae_from_diffusers(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """diffusers `AutoencoderKLCogVideoX` state dict -> our flat params."""
-    out = {}
-    for key, w in sd.items():
-        w = np.asarray(w)
-        if w.ndim == 5 and w.shape[2:] == (1, 1, 1):
-            w = w[:, :, 0, 0, 0].T
-        elif w.ndim == 5:
-            w = w.transpose(2, 3, 4, 1, 0)
-        elif w.ndim == 4:
-            w = w.transpose(2, 3, 1, 0)
-        out[_our_key(key, np.ndim(sd[key]))] = np.ascontiguousarray(w)
-    return out
+    return mapping.to_ours(mapping.by_pattern(sd, ROWS, ours=False), sd, None)
 
 
 def vae_to_diffusers(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Our flat params -> a state dict that diffusers' `AutoencoderKLCogVideoX` loads."""
-    sd = {}
-    for key, w in flat.items():
-        base, leaf = key.rsplit(".", 1)
-        w = np.asarray(w)
-        if leaf == "scale":
-            sd[base + ".weight"] = w
-            continue
-        if leaf == "bias" and base + ".scale" in flat:
-            sd[key] = w
-            continue
-        name = "weight" if leaf == "kernel" else leaf
-        if _OUR_RESAMPLER.search(base):
-            new = _OUR_RESAMPLER.sub(r".\1samplers.0.conv", base) + "." + name
-        elif base.endswith("conv_shortcut"):
-            new = f"{base}.{name}"
-        else:
-            new = f"{base}.conv.{name}"
-        if leaf == "kernel":
-            w = {2: lambda a: a.T[:, :, None, None, None], 4: lambda a: a.transpose(3, 2, 0, 1),
-                 5: lambda a: a.transpose(4, 3, 0, 1, 2)}[w.ndim](w)
-        sd[new] = np.ascontiguousarray(w)
-    return sd
+    return mapping.to_theirs(mapping.by_pattern(flat, ROWS, ours=True), flat)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -222,79 +193,6 @@ def vae_with_params(cfg: VAEConfig, flat: dict[str, np.ndarray], what: str = "VA
     return module_from_flat(vae_model.abstract(cfg), flat, what)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Readers
-
-
-def read_diffusers_folder(path: str | Path, progress: Progress = quiet) -> tuple[dict[str, np.ndarray], dict]:
-    """A diffusers `vae/` folder -> (state dict as numpy, config.json). Needs no torch."""
-    path = Path(path)
-    config_file = path / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"{path} is not a diffusers VAE folder: no config.json")
-    config = json.loads(config_file.read_text())
-    if config.get("_class_name", "AutoencoderKLCogVideoX") != "AutoencoderKLCogVideoX":
-        raise NotACheckpoint(f"{config_file} describes a {config['_class_name']}, not AutoencoderKLCogVideoX")
-    names = files.safetensors_files(path, WEIGHTS)
-    missing = [f for f in names if not (path / f).exists()]
-    if missing:
-        raise FileNotFoundError(f"{path}: missing {missing} (only safetensors weights are read)")
-    sd = {}
-    for name in names:
-        sd.update(files.read_safetensors(path / name, progress))
-    return sd, config
-
-
-def _sat_file(path: Path) -> Path | None:
-    """The SAT `.pt` that `path` names: the file itself, or the `3d-vae.pt` in a folder."""
-    if path.is_dir():
-        path = path / SAT_FILE
-    return path if path.is_file() and path.suffix in SAT_SUFFIXES else None
-
-
-def is_sat_vae(path: str | Path) -> bool:
-    """Whether `path` is (or is a folder holding) a torch file whose `state_dict` has `encoder.`/`decoder.` keys."""
-    file = _sat_file(Path(path))
-    if file is None:
-        return False
-    try:
-        saved = sat.torch_load(file)
-    except (NotACheckpoint, OSError):  # not readable as weights: not a SAT VAE
-        # (the transformer reader, which gets everything else, names the problem)
-        return False
-    sd = saved.get("state_dict") if isinstance(saved, dict) else None
-    return isinstance(sd, dict) and any(str(k).startswith(("encoder.", "decoder.")) for k in sd)
-
-
-def read_sat_pt(path: str | Path, progress: Progress = quiet) -> dict[str, np.ndarray]:
-    """A SAT `3d-vae.pt` (torch pickle, dict with `state_dict`) -> diffusers-named numpy state dict."""
-    saved = sat.torch_load(path)
-    sd = saved.get("state_dict", saved) if isinstance(saved, dict) else None
-    if not isinstance(sd, dict):
-        raise NotACheckpoint(f"{path}: expected a dict with a 'state_dict' entry (SAT 3d-vae.pt)")
-    return sat_to_diffusers({str(k): v.float().numpy() if v.is_floating_point() else v.numpy()
-                             for k, v in progress(sd.items(), "read SAT VAE") if hasattr(v, "is_floating_point")})
-
-
-def _read(path: Path, base: VAEConfig, progress: Progress) -> tuple[dict[str, np.ndarray], VAEConfig, dict]:
-    """(our flat params, our config, diffusers-style config dict) of a checkpoint in any of the formats."""
-    if files.native_format(path) == NATIVE_FORMAT:
-        flat, meta = files.read_native(path, NATIVE_FORMAT, progress)
-        # the stored architecture, through the same rule as a diffusers config.json
-        config = diffusers_vae_config(config_lib.from_dict({"vae": meta["vae"]}).vae)
-        return flat, vae_config_from_diffusers(config, base), config
-    sat_file = _sat_file(path)
-    if sat_file is not None and not (path / "config.json").exists():
-        sd = read_sat_pt(sat_file, progress)
-        vae_cfg = _config_from_shapes(sd, base)
-        return vae_from_diffusers(sd), vae_cfg, diffusers_vae_config(vae_cfg)
-    if path.is_dir():
-        sd, config = read_diffusers_folder(path, progress)
-        return vae_from_diffusers(sd), vae_config_from_diffusers(config, base), config
-    raise NotACheckpoint(f"VAE path {path}: expected a diffusers vae/ folder, a SAT {SAT_FILE} file (or a folder "
-                         "holding one) or a native folder (config.json + params/)")
-
-
 def vae_shapes(cfg: VAEConfig) -> dict[str, tuple[int, ...]]:
     """Our parameter shapes for `cfg` (tracing the model's construction takes a second or two: cached)."""
     return dict(_vae_shapes(json.dumps(dataclasses.asdict(cfg), sort_keys=True)))
@@ -306,11 +204,69 @@ def _vae_shapes(cfg_json: str) -> dict[str, tuple[int, ...]]:
     return param_shapes(vae_model.abstract(cfg))
 
 
+# ---------------------------------------------------------------------------------------------------
+# Codecs (convert/registry.py)
+
+
+def check(flat: dict[str, np.ndarray], cfg: VAEConfig, what: str) -> None:
+    check_params(vae_shapes(cfg), {k: np.shape(v) for k, v in flat.items()}, what)
+
+
+def native_config(section: dict, options, path) -> VAEConfig:
+    # the stored architecture, through the same rule as a diffusers config.json
+    stored = config_lib.from_dict({"vae": section}).vae
+    return vae_config_from_diffusers(diffusers_vae_config(stored), options.base)
+
+
+def read_diffusers(path: Path, options):
+    """A diffusers `vae/` folder -> (flat params, config). Needs no torch."""
+    config = json.loads((path / "config.json").read_text())
+    cfg = vae_config_from_diffusers(config, options.base)
+    flat = vae_from_diffusers(files.read_folder(path, WEIGHTS, options.progress))
+    check(flat, cfg, f"VAE checkpoint {path}")
+    return flat, cfg
+
+
+def write_diffusers(flat, cfg: VAEConfig, folder: Path, options) -> None:
+    config = {**diffusers_vae_config(cfg), "_diffusers_version": files.package_version("diffusers", "0.30.0")}
+    files.write_folder(folder, config, vae_to_diffusers(flat), WEIGHTS, options.dtype,
+                       options.max_shard_bytes or files.DIFFUSERS_SHARD_BYTES, options.progress)
+
+
+def read_sat(path: Path, options):
+    """A SAT `3d-vae.pt` (torch pickle, dict with `state_dict`), or a folder holding one -> (flat params, config);
+    the architecture from the tensors' shapes, the rest from `options.base`."""
+    file = sat.vae_file(path)
+    saved = sat.torch_load(file)
+    sd = saved.get("state_dict", saved) if isinstance(saved, dict) else None
+    if not isinstance(sd, dict):
+        raise NotACheckpoint(f"{file}: expected a dict with a 'state_dict' entry (SAT 3d-vae.pt)")
+    sd = sat_to_diffusers({str(k): v.float().numpy() if v.is_floating_point() else v.numpy()
+                           for k, v in options.progress(sd.items(), "read SAT VAE") if hasattr(v, "is_floating_point")})
+    cfg = _config_from_shapes(sd, options.base or VAEConfig())
+    flat = vae_from_diffusers(sd)
+    check(flat, cfg, f"VAE checkpoint {path}")
+    return flat, cfg
+
+
+def write_sat(flat, cfg: VAEConfig, out: Path, options) -> None:
+    """A `.pt` path gets the file alone, any other path a folder holding `3d-vae.pt`."""
+    torch = sat.require_torch()
+    sd = diffusers_to_sat(vae_to_diffusers(flat))
+    state = {k: sat.to_torch(v, options.dtype) for k, v in options.progress(sd.items(), "write SAT VAE")}
+    file = out if out.suffix in sat.SUFFIXES else out / sat.VAE_FILE
+    file.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": state}, file)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public API
+
+
 def read_vae(path: str | Path, cfg: VAEConfig | None = None,
              progress: Progress = quiet) -> tuple[dict[str, np.ndarray], VAEConfig]:
     """(flat params, VAEConfig) of a diffusers, SAT or native VAE checkpoint, without building the model."""
-    flat, vae_cfg, _ = _read(Path(path), cfg or VAEConfig(), progress)
-    check_params(vae_shapes(vae_cfg), {k: np.shape(v) for k, v in flat.items()}, f"VAE checkpoint {path}")
+    flat, vae_cfg, _ = registry.read(path, "vae", base=cfg or VAEConfig(), progress=progress)
     return flat, vae_cfg
 
 
@@ -321,38 +277,16 @@ def load_vae(path: str | Path, cfg: VAEConfig | None = None) -> tuple[vae_model.
     The architecture comes from the checkpoint (config.json, or the SAT tensors' shapes); memory modes, dtypes
     and, for SAT files, the norm groups, temporal compression and scaling factor come from `cfg`.
     """
-    flat, vae_cfg, config = _read(Path(path), cfg or VAEConfig(), quiet)
-    return vae_with_params(vae_cfg, flat, what=f"VAE checkpoint {path}"), config
-
-
-# ---------------------------------------------------------------------------------------------------
-# Writers
+    flat, vae_cfg = read_vae(path, cfg)
+    return vae_with_params(vae_cfg, flat, what=f"VAE checkpoint {path}"), diffusers_vae_config(vae_cfg)
 
 
 def write_vae(flat: dict[str, np.ndarray], cfg: VAEConfig, path: str | Path, format: str = "native",
-              dtype: str = "fp32", progress: Progress = quiet, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
-    """Writes `flat` as `format` to `path` via a temporary sibling renamed at the end; returns the path.
-    For `sat`, a `.pt` path gets the file alone, any other path a folder holding `3d-vae.pt`."""
-    if format not in FORMATS:
-        raise ValueError(f"VAE format {format!r}: expected one of {', '.join(FORMATS)}")
-    check_params(vae_shapes(cfg), {k: np.shape(v) for k, v in flat.items()}, "VAE parameters to save")
-    with files.staged(path, files.output_bytes(flat, dtype)) as tmp:
-        if format == "native":
-            files.write_native(files.cast(flat, dtype, progress), NATIVE_FORMAT, "vae", cfg, tmp, progress)
-        elif format == "diffusers":
-            tmp.mkdir(parents=True)
-            config = {**diffusers_vae_config(cfg), "_diffusers_version": files.package_version("diffusers", "0.30.0")}
-            (tmp / "config.json").write_text(json.dumps(config, indent=2))
-            files.write_safetensors(files.cast(vae_to_diffusers(flat), dtype, progress), tmp, WEIGHTS,
-                                    max_shard_bytes, progress)
-        else:
-            torch = sat.require_torch()
-            sd = files.cast(diffusers_to_sat(vae_to_diffusers(flat)), dtype, progress)
-            state = {k: sat.to_torch(v, dtype) for k, v in progress(sd.items(), "write SAT VAE")}
-            file = tmp if tmp.suffix in SAT_SUFFIXES else tmp / SAT_FILE
-            file.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"state_dict": state}, file)
-    return Path(path).absolute()
+              dtype: str = "fp32", progress: Progress = quiet, max_shard_bytes: int | None = None) -> Path:
+    """Writes `flat` as `format` ("native" | "sat" | "diffusers") to `path`, staged; returns the path. For `sat`,
+    a `.pt` path gets the file alone, any other path a folder holding `3d-vae.pt`."""
+    return registry.write(flat, cfg, path, "vae", format, dtype=dtype, progress=progress,
+                          max_shard_bytes=max_shard_bytes)
 
 
 def save_vae(model: vae_model.CogVideoXVAE, vae_cfg: VAEConfig, path: str | Path, format: str = "native",

@@ -1,7 +1,8 @@
 """Wan transformer parameters: diffusers `WanTransformer3DModel` state dict <-> our flat params, and folders.
 
 One table (`_TOP`, `_LAYER`) names every parameter on both sides with the layout rule between them; both
-directions read it. Pure numpy (no torch): a diffusers folder (config.json + safetensors, sharded with an
+directions read it (convert/mapping.py).
+Pure numpy (no torch): a diffusers folder (config.json + safetensors, sharded with an
 index when large, or a pipeline folder with `transformer/`) loads without PyTorch, and what `save_wan` writes
 `WanTransformer3DModel.from_pretrained` loads. PyTorch layouts: Linear weight (out, in), Conv3d weight
 (out, in, kt, kh, kw). Ours: kernels (in..., out...), patch kernel (kt, kh, kw, in, out), heads split out
@@ -16,8 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from insvie_jax.convert import files
-from insvie_jax.models.params import ParamMismatch, check_params, module_from_flat, param_shapes
+from insvie_jax.convert import files, mapping, registry
+from insvie_jax.convert.mapping import CONV3D, LINEAR, TABLE, VECTOR, linear, rule
+from insvie_jax.convert.sat import NotACheckpoint
+from insvie_jax.models.params import check_params, flat_params, module_from_flat, param_shapes
 from insvie_jax.models.wan import transformer as wan
 from insvie_jax.models.wan.config import WanModelConfig
 
@@ -63,50 +66,22 @@ _CROSS_NORM = [("blocks.norm2.scale", "blocks.{i}.norm2.weight", "vector"),
                ("blocks.norm2.bias", "blocks.{i}.norm2.bias", "vector")]
 
 
-def _layer_table(cfg: WanModelConfig):
-    return _LAYER + (_CROSS_NORM if cfg.cross_attn_norm else [])
+_HOOKS = {"linear": LINEAR, "linear2": linear(2), "conv3d": CONV3D, "table": TABLE, "vector": VECTOR}
 
 
-def _to_ours(w: np.ndarray, rule: str, shape: tuple) -> np.ndarray:
-    if rule in ("linear", "linear2"):
-        w = w.T
-    elif rule == "conv3d":
-        w = w.transpose(2, 3, 4, 1, 0)
-    elif rule == "table":
-        w = w[0]
-    if w.size != int(np.prod(shape)):
-        raise ValueError(f"a tensor of shape {w.shape} cannot take our shape {shape}")
-    return np.ascontiguousarray(w.reshape(shape))
-
-
-def _to_theirs(w: np.ndarray, rule: str) -> np.ndarray:
-    if rule in ("linear", "linear2"):
-        n_in = 1 if rule == "linear" else 2
-        return w.reshape(int(np.prod(w.shape[:n_in])), -1).T
-    if rule == "conv3d":
-        return w.transpose(4, 3, 0, 1, 2)
-    if rule == "table":
-        return w[None]
-    return w.reshape(-1)
+def rules(cfg: WanModelConfig) -> list[mapping.Rule]:
+    layers = _LAYER + (_CROSS_NORM if cfg.cross_attn_norm else [])
+    return [rule(ours, theirs, _HOOKS[kind]) for ours, theirs, kind in _TOP + layers]
 
 
 def transformer_from_diffusers(sd: dict[str, np.ndarray], cfg: WanModelConfig) -> dict[str, np.ndarray]:
     """diffusers state dict of the edit model (patch embedding with 2C input channels) -> our flat params."""
-    shapes = param_shapes(wan.abstract(cfg))
-    out = {ours: _to_ours(sd[theirs], rule, shapes[ours]) for ours, theirs, rule in _TOP}
-    for ours, theirs, rule in _layer_table(cfg):
-        shape = shapes[ours][1:]
-        out[ours] = np.stack([_to_ours(sd[theirs.format(i=i)], rule, shape) for i in range(cfg.num_layers)])
-    return out
+    return mapping.to_ours(rules(cfg), sd, param_shapes(wan.abstract(cfg)))
 
 
 def transformer_to_diffusers(flat: dict[str, np.ndarray], cfg: WanModelConfig) -> dict[str, np.ndarray]:
     """Our flat params -> a state dict that `WanTransformer3DModel(**diffusers_config(cfg))` loads."""
-    sd = {theirs: _to_theirs(np.asarray(flat[ours]), rule) for ours, theirs, rule in _TOP}
-    for ours, theirs, rule in _layer_table(cfg):
-        for i in range(cfg.num_layers):
-            sd[theirs.format(i=i)] = _to_theirs(np.asarray(flat[ours][i]), rule)
-    return {k: np.ascontiguousarray(v) for k, v in sd.items()}
+    return mapping.to_theirs(rules(cfg), flat)
 
 
 def diffusers_config(cfg: WanModelConfig) -> dict:
@@ -141,13 +116,13 @@ def config_from_diffusers(config: dict, base: WanModelConfig | None = None) -> t
     2 * out_channels; a text-to-video one (in = out) gives the same WanModelConfig with is_edit False."""
     for key, want in _FIXED.items():
         if config.get(key, want) != want:
-            raise ValueError(f"diffusers Wan config {key}={config[key]!r} is not supported (only {want!r})")
+            raise NotACheckpoint(f"diffusers Wan config {key}={config[key]!r} is not supported (only {want!r})")
     base = base or WanModelConfig()
     defaults = diffusers_config(base)
     get = lambda key: config.get(key, defaults[key])  # noqa: E731
     in_channels, out_channels = get("in_channels"), get("out_channels") or get("in_channels")
     if in_channels not in (out_channels, 2 * out_channels):
-        raise ValueError(f"diffusers Wan config in_channels={in_channels}: expected out_channels ({out_channels}, "
+        raise NotACheckpoint(f"diffusers Wan config in_channels={in_channels}: expected out_channels ({out_channels}, "
                          f"text-to-video) or twice it (editing)")
     cfg = dataclasses.replace(
         base, patch_size=list(get("patch_size")), num_attention_heads=get("num_attention_heads"),
@@ -172,7 +147,7 @@ def _folder(path: Path) -> Path:
     return path / "transformer" if not (path / "config.json").is_file() and (path / "transformer").is_dir() else path
 
 
-def read_diffusers(path: str | Path) -> tuple[dict[str, np.ndarray], WanModelConfig]:
+def read_diffusers(path: str | Path, options=None) -> tuple[dict[str, np.ndarray], WanModelConfig]:
     """(flat params, config) of a diffusers Wan transformer folder (or a pipeline folder's `transformer/`); a
     text-to-video / TI2V checkpoint becomes the edit model by `edit_from_t2v`."""
     path = _folder(Path(path))
@@ -180,55 +155,42 @@ def read_diffusers(path: str | Path) -> tuple[dict[str, np.ndarray], WanModelCon
         raise FileNotFoundError(f"{path} has no config.json: expected a diffusers WanTransformer3DModel folder")
     config = json.loads((path / "config.json").read_text())
     if config.get("_class_name", CLASS_NAME) != CLASS_NAME:
-        raise ValueError(f"{path}/config.json describes a {config['_class_name']}, not a {CLASS_NAME}")
+        raise NotACheckpoint(f"{path}/config.json describes a {config['_class_name']}, not a {CLASS_NAME}")
     cfg, is_edit = config_from_diffusers(config)
-    sd = {}
-    for name in files.safetensors_files(path, WEIGHTS):
-        sd.update(files.read_safetensors(path / name))
+    sd = files.read_folder(path, WEIGHTS, options.progress if options else files.quiet)
     if not is_edit:
         sd = edit_from_t2v(sd, cfg)
-    expected = set(transformer_to_diffusers(_zeros(cfg), cfg))
-    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
-    if missing or unexpected:
-        raise ParamMismatch(f"diffusers checkpoint {path} does not fit its config.json:\nmissing ({len(missing)}): "
-                            f"{', '.join(missing[:20])}\nunexpected ({len(unexpected)}): {', '.join(unexpected[:20])}")
-    try:
-        flat = transformer_from_diffusers(sd, cfg)
-    except ValueError as err:
-        raise ParamMismatch(f"diffusers checkpoint {path}: tensor shapes do not fit its config.json ({err})") from None
-    check_params(param_shapes(wan.abstract(cfg)), {k: v.shape for k, v in flat.items()}, f"diffusers checkpoint {path}")
+    mapping.check_theirs(mapping.their_shapes(rules(cfg), param_shapes(wan.abstract(cfg))), sd,
+                         f"diffusers checkpoint {path}")
+    flat = transformer_from_diffusers(sd, cfg)
+    check(flat, cfg, f"diffusers checkpoint {path}")
     return flat, cfg
 
 
-def _zeros(cfg: WanModelConfig) -> dict[str, np.ndarray]:
-    """Zero-size stand-ins with the parameter names of cfg (all that name listing needs)."""
-    small = dataclasses.replace(cfg, num_attention_heads=1, attention_head_dim=6, text_embed_dim=1, freq_dim=2,
-                                ffn_dim=1, in_channels=1, out_channels=1)
-    return {k: np.zeros(s, np.float32) for k, s in param_shapes(wan.abstract(small)).items()}
+def write_diffusers(flat: dict[str, np.ndarray], cfg: WanModelConfig, folder: Path, options) -> None:
+    """A diffusers `WanTransformer3DModel` folder (sharded above the options' shard size) at the staged `folder`."""
+    config = {**diffusers_config(cfg), "_diffusers_version": files.package_version("diffusers", "0.35.0")}
+    files.write_folder(folder, config, transformer_to_diffusers(flat, cfg), WEIGHTS, options.dtype,
+                       options.max_shard_bytes or files.DIFFUSERS_SHARD_BYTES, options.progress)
 
 
-def write_diffusers(flat: dict[str, np.ndarray], cfg: WanModelConfig, path: str | Path, dtype: str = "fp32",
-                    max_shard_bytes: int = 10 * 2**30) -> Path:
-    """Writes a diffusers `WanTransformer3DModel` folder (sharded above `max_shard_bytes`) via a staged rename."""
-    check_params(param_shapes(wan.abstract(cfg)), {k: np.shape(v) for k, v in flat.items()}, "parameters to save")
-    with files.staged(path) as tmp:
-        tmp.mkdir(parents=True)
-        config = {**diffusers_config(cfg), "_diffusers_version": files.package_version("diffusers", "0.35.0")}
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        files.write_safetensors(files.cast(transformer_to_diffusers(flat, cfg), dtype), tmp, WEIGHTS,
-                                max_shard_bytes)
-    return Path(path).absolute()
+def check(flat: dict[str, np.ndarray], cfg: WanModelConfig, what: str) -> None:
+    check_params(param_shapes(wan.abstract(cfg)), {k: np.shape(v) for k, v in flat.items()}, what)
+
+
+def native_config(section: dict, options, path) -> WanModelConfig:
+    return WanModelConfig(**section)
 
 
 def load_wan_transformer(path: str | Path, dtype: str | None = None):
-    """(WanEditTransformer, WanModelConfig) from a diffusers folder; `dtype` overrides the compute dtype."""
-    flat, cfg = read_diffusers(path)
+    """(WanEditTransformer, WanModelConfig) from a diffusers or native folder; `dtype` overrides the compute
+    dtype."""
+    flat, cfg, _ = registry.read(path, "wan")
     if dtype is not None:
         cfg = dataclasses.replace(cfg, dtype=dtype)
     return module_from_flat(wan.abstract(cfg), flat, "parameters"), cfg
 
 
-def save_wan_transformer(model, cfg: WanModelConfig, path: str | Path, dtype: str = "fp32") -> Path:
-    from insvie_jax.models.params import flat_params
-
-    return write_diffusers(flat_params(model), cfg, path, dtype)
+def save_wan_transformer(model, cfg: WanModelConfig, path: str | Path, dtype: str = "fp32",
+                         format: str = "diffusers") -> Path:
+    return registry.write(flat_params(model), cfg, path, "wan", format, dtype=dtype)

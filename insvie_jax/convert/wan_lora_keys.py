@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from insvie_jax.convert import files
-from insvie_jax.models import lora as loralib
+from insvie_jax.convert import files, mapping
+from insvie_jax.convert.mapping import rule
+from insvie_jax.convert.sat import NotACheckpoint
 
 WEIGHTS = "pytorch_lora_weights.safetensors"  # the name diffusers' `load_lora_weights(folder)` looks for
 COMFYUI_WEIGHTS = "wan_lora_comfyui.safetensors"
@@ -37,26 +38,32 @@ _NAMES = {
 }
 
 
+def rules(layout: str, pairs) -> list[mapping.Rule]:
+    """The key mapping of `layout` for the adapted (owner, projection) pairs: our `owner.proj.lora_A` (layers,
+    rank, in) and `lora_B` (layers, out, rank), one tensor per layer in the file."""
+    return [rule(f"{owner}.{proj}.lora_{ab}",
+                 f"{_PREFIX[layout]}blocks.{{i}}.{_NAMES[layout][owner, proj]}.lora_{ab}.weight")
+            for owner, proj in pairs for ab in "AB"]
+
+
 def lora_state_dict(model, layout: str = "diffusers") -> dict[str, np.ndarray]:
     """The adapters attached to a Wan model as a peft-style state dict of `layout`, float32, scale folded in B."""
+    from insvie_jax.models import lora as loralib  # jax: not needed to detect or convert a LoRA file
+
     if layout not in LAYOUTS:
         raise ValueError(f"unknown LoRA layout '{layout}': expected one of {', '.join(LAYOUTS)}")
     adapters = loralib.wan_adapters(model)
     if not adapters:
         raise ValueError("the Wan model has no LoRA adapters to export (lora.enabled is off, or merged already)")
-    sd = {}
+    flat = {}
     for owner, proj in adapters:
         adapter = getattr(getattr(model.blocks, owner), proj + "_lora")
         a = np.asarray(adapter.lora_a[...], np.float32)  # (layers, *in, rank)
         b = np.asarray(adapter.lora_b[...], np.float32)  # (layers, rank, *out)
         layers, rank = a.shape[0], a.shape[-1]
-        a = a.reshape(layers, -1, rank)
-        b = b.reshape(layers, rank, -1) * np.float32(adapter.scale)
-        for i in range(layers):
-            key = f"{_PREFIX[layout]}blocks.{i}.{_NAMES[layout][owner, proj]}"
-            sd[key + ".lora_A.weight"] = np.ascontiguousarray(a[i].T)  # (rank, in)
-            sd[key + ".lora_B.weight"] = np.ascontiguousarray(b[i].T)  # (out, rank)
-    return sd
+        flat[f"{owner}.{proj}.lora_A"] = a.reshape(layers, -1, rank).transpose(0, 2, 1)  # (layers, rank, in)
+        flat[f"{owner}.{proj}.lora_B"] = (b.reshape(layers, rank, -1) * np.float32(adapter.scale)).transpose(0, 2, 1)
+    return mapping.to_theirs(rules(layout, adapters), flat)
 
 
 def save_wan_lora(model, folder: str | Path) -> list[Path]:
@@ -107,6 +114,8 @@ def load_wan_lora(model, path: str | Path, seed: int = 0):
     `pytorch_lora_weights.safetensors`) to `model` in place (alpha = rank: the file's scale is in B); returns it."""
     from safetensors.numpy import load_file
 
+    from insvie_jax.models import lora as loralib
+
     path = Path(path)
     if path.is_dir():
         path = path / WEIGHTS
@@ -131,3 +140,75 @@ def load_wan_lora(model, path: str | Path, seed: int = 0):
         adapter.lora_a[...] = a.reshape(adapter.lora_a[...].shape).astype(adapter.lora_a[...].dtype)
         adapter.lora_b[...] = b.reshape(adapter.lora_b[...].shape).astype(adapter.lora_b[...].dtype)
     return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# Codecs (convert/registry.py): a LoRA file converts between the two layouts (alpha folded into B)
+
+
+def _file(path: Path, layout: str) -> Path:
+    return path if path.is_file() else path / {"diffusers": WEIGHTS, "comfyui": COMFYUI_WEIGHTS}[layout]
+
+
+def layout_of(path: Path) -> str | None:
+    """The layout of a LoRA file (or of the file a folder holds), from its tensor names; None if neither."""
+    from safetensors import SafetensorError, safe_open
+
+    for layout in LAYOUTS:
+        file = _file(path, layout)
+        if file.is_file() and file.suffix == ".safetensors":
+            try:
+                with safe_open(file, framework="numpy") as f:
+                    if any(k.startswith(_PREFIX[layout] + "blocks.") and ".lora_" in k for k in f.keys()):
+                        return layout
+            except (SafetensorError, OSError):
+                return None
+    return None
+
+
+def _read(path: Path, options, layout: str):
+    try:
+        found = _parse(files.read_safetensors(_file(path, layout), options.progress))
+    except ValueError as err:  # names the key that fits no adapted projection
+        raise NotACheckpoint(f"{_file(path, layout)}: {err}") from None
+    flat = {}
+    for (owner, proj), layers in found.items():
+        for ab in "AB":
+            flat[f"{owner}.{proj}.lora_{ab}"] = np.stack([layers[i][ab] for i in sorted(layers)])
+    check(flat, None, f"Wan LoRA file {_file(path, layout)}")
+    return flat, None
+
+
+def _write(flat, folder: Path, options, layout: str) -> None:
+    pairs = sorted({tuple(k.split(".")[:2]) for k in flat})
+    sd = files.cast(mapping.to_theirs(rules(layout, pairs), flat), options.dtype, options.progress)
+    if folder.suffix == ".safetensors":  # a file destination
+        files.write_safetensors(sd, folder.parent, folder.name, max_shard_bytes=1 << 62)
+    else:
+        folder.mkdir(parents=True)
+        files.write_safetensors(sd, folder, _file(folder, layout).name, max_shard_bytes=1 << 62)
+
+
+def check(flat: dict[str, np.ndarray], cfg, what: str) -> None:
+    """Every adapted projection has A (layers, rank, in) and B (layers, out, rank) of one rank."""
+    for key, a in flat.items():
+        if key.endswith(".lora_A"):
+            b = flat.get(key[:-1] + "B")
+            if b is None or b.shape[0] != a.shape[0] or b.shape[2] != a.shape[1]:
+                raise NotACheckpoint(f"{what}: '{key[:-7]}' needs lora_A and lora_B of one rank for every layer")
+
+
+def read_diffusers(path: Path, options):
+    return _read(path, options, "diffusers")
+
+
+def read_comfyui(path: Path, options):
+    return _read(path, options, "comfyui")
+
+
+def write_diffusers(flat, cfg, folder: Path, options) -> None:
+    _write(flat, folder, options, "diffusers")
+
+
+def write_comfyui(flat, cfg, folder: Path, options) -> None:
+    _write(flat, folder, options, "comfyui")

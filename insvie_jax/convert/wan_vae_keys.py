@@ -13,73 +13,43 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from pathlib import Path
 
 import numpy as np
 
 from insvie_jax.config import WanVAEConfig
-from insvie_jax.convert import files
+from insvie_jax.convert import files, mapping, registry
 from insvie_jax.convert.files import Progress, quiet
+from insvie_jax.convert.mapping import CONV2D, CONV3D, VECTOR, pointwise, squeeze
 from insvie_jax.convert.sat import NotACheckpoint
 from insvie_jax.models.params import check_params, flat_params, module_from_flat, param_shapes
 from insvie_jax.models.wan import vae as wan_vae
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 CLASS_NAME = "AutoencoderKLWan"
-MAX_SHARD_BYTES = 10 * 2**30  # diffusers' default shard size
 
-# torch tensor -> ours, ours -> torch tensor
-_LAYOUTS = {
-    "conv3d": (lambda w: w.transpose(2, 3, 4, 1, 0), lambda a: a.transpose(4, 3, 0, 1, 2)),
-    "conv2d": (lambda w: w.transpose(2, 3, 1, 0), lambda a: a.transpose(3, 2, 0, 1)),
-    "pointwise3d": (lambda w: w[:, :, 0, 0, 0].T, lambda a: a.T[:, :, None, None, None]),
-    "pointwise2d": (lambda w: w[:, :, 0, 0].T, lambda a: a.T[:, :, None, None]),
-    "norm3d": (lambda w: w.reshape(-1), lambda a: a.reshape(-1, 1, 1, 1)),
-    "norm2d": (lambda w: w.reshape(-1), lambda a: a.reshape(-1, 1, 1)),
-    "vector": (lambda w: w, lambda a: a),
-}
-
-# (modules it covers: regex on the module path, diffusers suffix, our suffix, layout); the first row whose
-# suffix and module pattern fit a name applies, in either direction.
+# (modules it covers: regex on the module path, diffusers suffix, our suffix, hook); the first row whose
+# suffix and module pattern fit a name applies, in either direction (convert/mapping.py).
 _RULES = (
-    (r"\.attentions\.\d+\.norm$", ".gamma", ".scale", "norm2d"),
-    (r"\.attentions\.\d+\.(to_qkv|proj)$", ".weight", ".kernel", "pointwise2d"),
-    (r"(conv_shortcut|quant_conv)$", ".weight", ".kernel", "pointwise3d"),  # also post_quant_conv
-    (r"sampler\.resample$", ".1.weight", ".kernel", "conv2d"),
-    (r"sampler\.resample$", ".1.bias", ".bias", "vector"),
-    (r"", ".gamma", ".scale", "norm3d"),
-    (r"", ".weight", ".kernel", "conv3d"),
-    (r"", ".bias", ".bias", "vector"),
+    (r"\.attentions\.\d+\.norm$", ".gamma", ".scale", squeeze(2)),
+    (r"\.attentions\.\d+\.(to_qkv|proj)$", ".weight", ".kernel", pointwise(2)),
+    (r"(conv_shortcut|quant_conv)$", ".weight", ".kernel", pointwise(3)),  # also post_quant_conv
+    (r"sampler\.resample$", ".1.weight", ".kernel", CONV2D),
+    (r"sampler\.resample$", ".1.bias", ".bias", VECTOR),
+    (r"", ".gamma", ".scale", squeeze(3)),
+    (r"", ".weight", ".kernel", CONV3D),
+    (r"", ".bias", ".bias", VECTOR),
 )
-
-
-def _convert(key: str, source: int, target: int) -> tuple[str, str]:
-    """(converted name, layout) of `key` through the first fitting `_RULES` row; source/target: 1 = diffusers
-    suffix, 2 = ours."""
-    for row in _RULES:
-        suffix = row[source]
-        if key.endswith(suffix) and re.search(row[0], key[: -len(suffix)]):
-            return key[: -len(suffix)] + row[target], row[3]
-    raise KeyError(f"Wan VAE parameter {key!r} fits no conversion rule")
 
 
 def vae_from_diffusers(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """diffusers `AutoencoderKLWan` state dict -> our flat params."""
-    out = {}
-    for key, w in sd.items():
-        name, layout = _convert(key, 1, 2)
-        out[name] = np.ascontiguousarray(_LAYOUTS[layout][0](np.asarray(w)))
-    return out
+    return mapping.to_ours(mapping.by_pattern(sd, _RULES, ours=False), sd, None)
 
 
 def vae_to_diffusers(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Our flat params -> a state dict that diffusers' `AutoencoderKLWan` loads."""
-    sd = {}
-    for key, a in flat.items():
-        name, layout = _convert(key, 2, 1)
-        sd[name] = np.ascontiguousarray(_LAYOUTS[layout][1](np.asarray(a)))
-    return sd
+    return mapping.to_theirs(mapping.by_pattern(flat, _RULES, ours=True), flat)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -129,7 +99,7 @@ def vae_config_from_diffusers(config: dict, base: WanVAEConfig | None = None) ->
     if config.get("is_residual") is not True:
         wrong["is_residual"] = config.get("is_residual", False)
     if wrong:
-        raise ValueError(f"unsupported AutoencoderKLWan config {wrong}: only the Wan2.2 residual VAE is implemented "
+        raise NotACheckpoint(f"unsupported AutoencoderKLWan config {wrong}: only the Wan2.2 residual VAE is implemented "
                          f"(expected {({k: expected[k] for k in wrong})})")
     return cfg
 
@@ -156,14 +126,7 @@ def read_diffusers_folder(path: str | Path, progress: Progress = quiet) -> tuple
     config = json.loads(config_file.read_text())
     if config.get("_class_name") != CLASS_NAME:
         raise NotACheckpoint(f"{config_file} describes a {config.get('_class_name')}, not {CLASS_NAME}")
-    names = files.safetensors_files(path, WEIGHTS)
-    missing = [f for f in names if not (path / f).exists()]
-    if missing:
-        raise FileNotFoundError(f"{path}: missing {missing} (only safetensors weights are read)")
-    sd = {}
-    for name in names:
-        sd.update(files.read_safetensors(path / name, progress))
-    return sd, config
+    return files.read_folder(path, WEIGHTS, progress), config
 
 
 def read_vae(path: str | Path, cfg: WanVAEConfig | None = None,
@@ -172,32 +135,42 @@ def read_vae(path: str | Path, cfg: WanVAEConfig | None = None,
     sd, config = read_diffusers_folder(path, progress)
     vae_cfg = vae_config_from_diffusers(config, cfg)
     flat = vae_from_diffusers(sd)
-    check_params(param_shapes(wan_vae.abstract(vae_cfg)), {k: np.shape(v) for k, v in flat.items()},
-                 f"Wan VAE checkpoint {path}")
+    check(flat, vae_cfg, f"Wan VAE checkpoint {path}")
     return flat, vae_cfg, config
 
 
 def load_vae(path: str | Path, cfg: WanVAEConfig | None = None) -> tuple[wan_vae.WanVAE, WanVAEConfig]:
-    """A diffusers Wan `vae/` folder (or pipeline folder) -> (our VAE with its weights, its config). The
-    architecture and latent statistics come from config.json; memory modes and dtypes from `cfg`."""
-    flat, vae_cfg, _ = read_vae(path, cfg)
+    """A diffusers Wan `vae/` folder (or pipeline folder) or a native folder -> (our VAE with its weights, its
+    config). The architecture and latent statistics come from the checkpoint; memory modes and dtypes from `cfg`."""
+    flat, vae_cfg, _ = registry.read(path, "wan-vae", base=cfg)
     return module_from_flat(wan_vae.abstract(vae_cfg), flat, f"Wan VAE checkpoint {path}"), vae_cfg
 
 
-def write_vae(flat: dict[str, np.ndarray], cfg: WanVAEConfig, path: str | Path, dtype: str = "fp32",
-              progress: Progress = quiet, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
-    """Writes `flat` as a diffusers `vae/` folder at `path` (staged, renamed at the end); returns the path."""
-    check_params(param_shapes(wan_vae.abstract(cfg)), {k: np.shape(v) for k, v in flat.items()},
-                 "Wan VAE parameters to save")
-    with files.staged(path) as tmp:
-        tmp.mkdir(parents=True)
-        config = {**diffusers_vae_config(cfg), "_diffusers_version": files.package_version("diffusers", "0.35.0")}
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        files.write_safetensors(files.cast(vae_to_diffusers(flat), dtype, progress), tmp, WEIGHTS, max_shard_bytes,
-                                progress)
-    return Path(path).absolute()
+def save_vae(model: wan_vae.WanVAE, cfg: WanVAEConfig, path: str | Path, dtype: str = "fp32",
+             format: str = "diffusers") -> Path:
+    """Writes the VAE as a diffusers `vae/` folder (or `format`) in `dtype` ("fp32" | "bf16" | "fp16")."""
+    return registry.write(flat_params(model), cfg, path, "wan-vae", format, dtype=dtype)
 
 
-def save_vae(model: wan_vae.WanVAE, cfg: WanVAEConfig, path: str | Path, dtype: str = "fp32") -> Path:
-    """Writes the VAE as a diffusers `vae/` folder in `dtype` ("fp32" | "bf16" | "fp16")."""
-    return write_vae(flat_params(model), cfg, path, dtype)
+# ---------------------------------------------------------------------------------------------------
+# Codecs (convert/registry.py)
+
+
+def check(flat: dict[str, np.ndarray], cfg: WanVAEConfig, what: str) -> None:
+    check_params(param_shapes(wan_vae.abstract(cfg)), {k: np.shape(v) for k, v in flat.items()}, what)
+
+
+def native_config(section: dict, options, path) -> WanVAEConfig:
+    # the stored architecture, through the same rule as a diffusers config.json; memory modes from the base
+    return vae_config_from_diffusers(diffusers_vae_config(WanVAEConfig(**section)), options.base)
+
+
+def read_diffusers(path: Path, options):
+    flat, cfg, _ = read_vae(path, options.base, options.progress)
+    return flat, cfg
+
+
+def write_diffusers(flat, cfg: WanVAEConfig, folder: Path, options) -> None:
+    config = {**diffusers_vae_config(cfg), "_diffusers_version": files.package_version("diffusers", "0.35.0")}
+    files.write_folder(folder, config, vae_to_diffusers(flat), WEIGHTS, options.dtype,
+                       options.max_shard_bytes or files.DIFFUSERS_SHARD_BYTES, options.progress)
