@@ -1,7 +1,6 @@
 """Bad config values found by trying the tools: ranges and allowed values live in the schema (config.py) and
 every numeric key is checked when the config loads, with one line naming the key and what it must be."""
 
-import dataclasses
 import subprocess
 import sys
 
@@ -9,7 +8,7 @@ import pytest
 
 from insvie_jax import config as configlib
 from insvie_jax.config import ConfigError
-from insvie_jax.diffusion import guidance, samplers
+from insvie_jax.diffusion import flow, guidance, samplers
 from insvie_jax.models import remat
 
 
@@ -32,14 +31,14 @@ def test_out_of_range_values_are_refused_naming_key_and_range(override, message)
 
 
 def test_every_float_key_must_be_finite():
-    sections = {name: cls for name, cls in configlib._field_types(configlib.Config).items()
-                if dataclasses.is_dataclass(cls)}
-    floats = [f"{name}.{key}" for name, cls in sections.items()
+    wan = set(configlib.FAMILY_SECTIONS["wan"].values())
+    floats = [("tiny-wan" if cls in wan else "tiny", f"{name}.{key}") for name in configlib._field_types(configlib.Config)
+              if name != "stages" for cls in configlib.section_classes(name)
               for key, want in configlib._field_types(cls).items() if want is float]
-    assert len(floats) > 40
-    for key in floats:
+    assert len(floats) > 40 and any(preset == "tiny-wan" for preset, _ in floats)
+    for preset, key in floats:
         with pytest.raises(ConfigError, match=f"'{key}' = nan: must be a finite number"):
-            configlib.load("tiny", [f"{key}=.nan"])
+            configlib.load(preset, [f"{key}=.nan"])
 
 
 def test_ranges_keep_the_shipped_presets_valid():
@@ -70,13 +69,15 @@ def test_did_you_mean_matches_word_parts_and_synonyms(typo, suggestion):
 
 
 def test_allowed_string_values_come_from_the_schema():
-    assert samplers.SAMPLERS == configlib.choices("sample.sampler")
+    assert samplers.SAMPLERS + flow.FLOW_SAMPLERS == configlib.choices("sample.sampler")
     assert guidance.SCHEDULES == configlib.choices("sample.guidance_schedule")
     assert set(remat.POLICIES) | {"none"} == set(configlib.choices("model.remat_policy"))
-    for sampler in configlib.choices("sample.sampler"):  # every allowed value has an implementation
+    for sampler in samplers.SAMPLERS:  # every allowed value has an implementation
         samplers.make_plan(sampler, 4, configlib.DiffusionConfig())
+    for sampler in flow.FLOW_SAMPLERS:
+        flow.make_plan(sampler, 4, configlib.DiffusionConfig().flow_shift)
     with pytest.raises(ConfigError, match="'sample.sampler' = 'euler': expected one of dpmpp_2m_sde, cogvideox_dpm, "
-                                          "ddim"):
+                                          "ddim, flow_unipc, flow_euler"):
         configlib.load("tiny", ["sample.sampler=euler"])
 
 

@@ -31,7 +31,8 @@ class Workload:
     ours: str  # "module:function" returning a bench.timing.Prepared
     reference: str | None  # function in insvie_jax.bench.torch_reference
     needs: tuple = ("torch", "diffusers")  # what the reference imports
-    overrides: tuple = ()  # config defaults of this workload (the user's --set comes after)
+    overrides: tuple = ()  # config defaults of this workload (the user's --set comes after) ...
+    family: str = ""  # ... for this model.family only ("" = any)
     description: str = ""
 
 
@@ -47,7 +48,8 @@ WORKLOADS = {
     "vae_encode": Workload("insvie_jax.bench.vae:encode", "vae_encode", description="VAE encode; --tiled"),
     "vae_decode": Workload("insvie_jax.bench.vae:decode", "vae_decode", description="VAE decode; --tiled"),
     "edit": Workload("insvie_jax.bench.sample:edit", "edit", overrides=("sample.sampler=cogvideox_dpm",),
-                     description="sample.steps-step 3-way-guided edit, latents in and out"),
+                     family="cogvideox", description="sample.steps-step guided edit, latents in and out (CogVideoX: "
+                     "3-way; Wan: sample.guidance, vs LucyEditPipeline's loop)"),
     "t5": Workload("insvie_jax.bench.t5:encode", "t5", needs=("torch", "transformers"),
                    description="T5 encoder, one prompt of text_encoder.max_length tokens"),
     "attention": Workload("insvie_jax.bench.transformer:attention", "attention", needs=("torch",),
@@ -241,6 +243,9 @@ def run(args) -> int:
     if args.xla_flags:
         jax_env["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), args.xla_flags]))
     ref_env = {"JAX_PLATFORMS": "cpu"}  # the reference process imports our numpy key maps; JAX stays off the GPU
+    from insvie_jax import config as configlib  # no JAX: the config alone
+
+    model_family = configlib.load(config, base_overrides).model.family
     results = []
     report = {"meta": {"config": config, "overrides": base_overrides, "repeats": repeats,
                        "reference": args.reference, "processes": args.processes, "xla_flags": args.xla_flags,
@@ -257,7 +262,8 @@ def run(args) -> int:
                 continue
             scratch = scratch_root / f"row{i}"
             spec = {"workload": row.workload, "config": config, "repeats": repeats, "scratch": str(scratch),
-                    "overrides": [*workload.overrides, *row.overrides, *base_overrides],
+                    "overrides": [*(workload.overrides if workload.family in ("", model_family) else ()),
+                                  *row.overrides, *base_overrides],
                     "exchange": with_ref, "measure": args.reference != "only",
                     "profile": str(Path(args.profile) / re.sub(r"[^\w.=-]+", "_", row.label)) if args.profile
                     else None, "profile_calls": args.profile_calls}

@@ -1,9 +1,9 @@
 """`insvie-jax compile`: a config checked against a TPU pod slice before any pod is rented.
 
 The mesh is built from the slice's abstract devices exactly as a run builds it (parallel/mesh.py), the train
-step (and with `edit`, one 3-way-guided sampling step) is lowered with the run's shardings and compiled by the
-real TPU compiler (libtpu) on this machine, and the compiled program tells per-chip memory, the collectives it
-runs and its cost. Nothing is allocated: arrays are shapes only.
+step (and with `edit`, one guided sampling step: 3-way for CogVideoX, sample.guidance's for Wan) is lowered with
+the run's shardings and compiled by the real TPU compiler (libtpu) on this machine, and the compiled program tells
+per-chip memory, the collectives it runs and its cost. Nothing is allocated: arrays are shapes only.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from flax import nnx
 
 from insvie_jax import config as configlib
 from insvie_jax.convert.models import build_transformer
-from insvie_jax.diffusion import guidance, samplers
+from insvie_jax.diffusion import flow, flow_guidance, guidance, samplers
 from insvie_jax.models import attention as attentionlib
-from insvie_jax.models import transformer
+from insvie_jax.models import family
 from insvie_jax.parallel import mesh as meshlib
 from insvie_jax.parallel import sharding as shardlib
 from insvie_jax.parallel import topology as topologylib
@@ -84,7 +84,7 @@ def lower_train_step(cfg: configlib.Config, mesh):
 
 
 def lower_edit_step(cfg: configlib.Config, mesh):
-    """(lowered guided sampling step, argument groups): one model call on the 3 guidance branches of
+    """(lowered guided sampling step, argument groups): one model call on the guidance branches of
     data.batch_size clips and the sampler update, weights in the compute dtype (as `edit` holds them)."""
     m = dataclasses.replace(cfg.model, param_dtype=cfg.model.dtype)
     abstract_model = nnx.eval_shape(lambda: build_transformer(m, seed=0))
@@ -94,21 +94,35 @@ def lower_edit_step(cfg: configlib.Config, mesh):
     params = _abstract(abstract_params.to_pure_dict(), params_sh)
     batch = _batch_specs(cfg, mesh, jnp.dtype(cfg.model.dtype))
     latents = batch["target"].update(dtype=np.float32)
-    source3 = batch["source"].update(shape=(3 * latents.shape[0], *latents.shape[1:]))
-    text3 = batch["text"].update(shape=(3 * latents.shape[0], *batch["text"].shape[1:]))
-    plan = samplers.make_plan(cfg.sample.sampler, cfg.sample.steps, cfg.diffusion)
-    row = {k: jax.ShapeDtypeStruct((), np.float32) for k in plan.arrays()}
-    row.update(text_scale=row["c_skip"], source_scale=row["c_skip"])
+    branches = 2 if cfg.sample.guidance == "lucy" else 3
+    source_n = batch["source"].update(shape=(branches * latents.shape[0], *latents.shape[1:]))
+    text_n = batch["text"].update(shape=(branches * latents.shape[0], *batch["text"].shape[1:]))
+    if cfg.diffusion.objective == "flow":
+        rows = flow.make_plan(cfg.sample.sampler, cfg.sample.steps, cfg.diffusion.flow_shift).arrays()
+    else:
+        plan = samplers.make_plan(cfg.sample.sampler, cfg.sample.steps, cfg.diffusion)
+        rows = plan.arrays()
+    row = {k: jax.ShapeDtypeStruct((), np.float32) for k in rows}
+    row.update(text_scale=row["timestep"], source_scale=row["timestep"])
 
-    def edit_step(params, x, prev_x0, source3, text3, noise, row):
+    def edit_step(params, x, carry, source_n, text_n, noise, row):
         with shardlib.logical_rules(mesh, rules):
-            denoise = nnx.merge(graphdef, params)
-            x0 = guidance.guided_x0(denoise, x, source3, text3, row["timestep"], row["c_skip"], row["c_out"],
+            model = nnx.merge(graphdef, params)
+            if cfg.diffusion.objective == "flow":  # carry: UniPC's (x_last, m1, m2)
+                if branches == 2:
+                    v = flow_guidance.two_way_velocity(model, x, source_n, text_n, row["timestep"], row["text_scale"])
+                else:
+                    v = flow_guidance.three_way_velocity(model, x, source_n, text_n, row["timestep"],
+                                                         row["text_scale"], row["source_scale"])
+                return flow.step(row, x, v, carry)
+            x0 = guidance.guided_x0(model, x, source_n, text_n, row["timestep"], row["c_skip"], row["c_out"],
                                     row["text_scale"], row["source_scale"])
-            return samplers.step(row, x, x0, prev_x0, noise if plan.stochastic else None), x0
+            return samplers.step(row, x, x0, carry, noise if plan.stochastic else None), x0
 
-    lowered = jax.jit(edit_step).lower(params, latents, latents, source3, text3, latents, row)
-    return lowered, {"params": params, "batch": {"latents": latents, "source3": source3, "text3": text3}}
+    carry = (latents, latents, latents) if cfg.diffusion.objective == "flow" else latents  # flow: (x_last, m1, m2)
+    lowered = jax.jit(edit_step).lower(params, latents, carry, source_n, text_n, latents, row)
+    return lowered, {"params": params, "batch": {"latents": latents, f"source{branches}": source_n,
+                                                 f"text{branches}": text_n}}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -295,10 +309,11 @@ def check(cfg: configlib.Config, topology: str, slices: int = 1, edit: bool = Fa
     f, h, w, _ = configlib.latent_shape(cfg)
     with shardlib.logical_rules(mesh, cfg.mesh.logical_axis_rules):
         attention = attentionlib.resolve_implementation(cfg.model.attention, cfg.model.dtype)
-    forward = transformer.forward_flops(cfg.model, f, h, w) * cfg.data.batch_size / mesh.size
+    forward = family.forward_flops(cfg.model, f, h, w) * cfg.data.batch_size / mesh.size
     programs = [check_program("train_step", *lower_train_step(cfg, mesh), 3 * forward)]
     if edit:
-        programs.append(check_program("edit_step", *lower_edit_step(cfg, mesh), 3 * forward))
+        branches = 2 if cfg.sample.guidance == "lucy" else 3
+        programs.append(check_program("edit_step", *lower_edit_step(cfg, mesh), branches * forward))
     report = {
         "topology": topologylib.topology_name(topology), "slices": slices, "chips": len(devices),
         "hosts": len({d.process_index for d in devices}), "chip": chip.name if chip else devices[0].device_kind,

@@ -165,14 +165,21 @@ def _channels_last(t) -> np.ndarray:
 
 
 def _diffusers_transformer(cfg, folder: Path, dtype, train: bool, remat: bool):
+    """diffusers' model of `model.family` (CogVideoXTransformer3DModel / WanTransformer3DModel) holding our
+    side's weights."""
     import torch
-    from diffusers import CogVideoXTransformer3DModel
+    from diffusers import CogVideoXTransformer3DModel, WanTransformer3DModel
 
-    from insvie_jax.convert.diffusers_keys import diffusers_config, transformer_to_diffusers
+    if cfg.model.family == "wan":
+        from insvie_jax.convert.wan_keys import diffusers_config, transformer_to_diffusers
+        cls = WanTransformer3DModel
+    else:
+        from insvie_jax.convert.diffusers_keys import diffusers_config, transformer_to_diffusers
+        cls = CogVideoXTransformer3DModel
 
     kwargs = {k: v for k, v in diffusers_config(cfg.model).items() if not k.startswith("_")}
     with torch.device(_device()):  # built on the device: its random init is replaced below
-        model = CogVideoXTransformer3DModel(**kwargs).to(dtype)
+        model = cls(**kwargs).to(dtype)
     flat = read_weights(folder)
     if flat is None:
         raise RuntimeError(f"{folder}: our side wrote no weights (run ours first)")
@@ -185,12 +192,29 @@ def _diffusers_transformer(cfg, folder: Path, dtype, train: bool, remat: bool):
     return model
 
 
+def _theirs_layout(cfg, x: np.ndarray) -> np.ndarray:
+    """Our (B, F, H, W, C) latents in diffusers' layout: CogVideoX (B, F, C, H, W), Wan (B, C, F, H, W)."""
+    return x.transpose(0, 4, 1, 2, 3) if cfg.model.family == "wan" else x.transpose(0, 1, 4, 2, 3)
+
+
+def _ours_layout(cfg, out) -> np.ndarray:
+    out = _channels_last(out)
+    return out.transpose(0, 2, 3, 4, 1) if cfg.model.family == "wan" else out.transpose(0, 1, 3, 4, 2)
+
+
 def _transformer_inputs(cfg, folder: Path, dtype):
     x = read_inputs(folder)
-    # diffusers: hidden_states (B, F, 2C, H, W) = [noisy | source] on channels
-    hidden = np.concatenate([x["noisy"], x["source"]], axis=-1).transpose(0, 1, 4, 2, 3)
+    # diffusers: hidden_states = [noisy | source] on channels
+    hidden = _theirs_layout(cfg, np.concatenate([x["noisy"], x["source"]], axis=-1))
     rope = (_tensor(x["rope_cos"]), _tensor(x["rope_sin"])) if "rope_cos" in x else None
     return _tensor(hidden, dtype), _tensor(x["text"], dtype), _tensor(x["timestep"]), rope, x
+
+
+def _call(cfg, model, hidden, text, t, rope):
+    if cfg.model.family == "wan":
+        return model(hidden_states=hidden, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+    return model(hidden_states=hidden, encoder_hidden_states=text, timestep=t, image_rotary_emb=rope,
+                 return_dict=False)[0]
 
 
 def transformer_forward(cfg, options: dict, folder: Path, repeats: int) -> dict:
@@ -202,11 +226,10 @@ def transformer_forward(cfg, options: dict, folder: Path, repeats: int) -> dict:
 
     @torch.no_grad()
     def step():
-        return model(hidden_states=hidden, encoder_hidden_states=text, timestep=t, image_rotary_emb=rope,
-                     return_dict=False)[0]
+        return _call(cfg, model, hidden, text, t, rope)
 
     result, out = _measure(step, repeats)
-    return _compare(result, folder, _channels_last(out).transpose(0, 1, 3, 4, 2))
+    return _compare(result, folder, _ours_layout(cfg, out))
 
 
 def transformer_forward_backward(cfg, options: dict, folder: Path, repeats: int) -> dict:
@@ -219,17 +242,16 @@ def transformer_forward_backward(cfg, options: dict, folder: Path, repeats: int)
     dtype = _torch_dtype(cfg.model.dtype)
     model = _diffusers_transformer(cfg, folder, dtype, train=True, remat=cfg.model.remat_policy != "none")
     hidden, text, t, rope, x = _transformer_inputs(cfg, folder, dtype)
-    target = _tensor(x["target"].transpose(0, 1, 4, 2, 3), torch.float32)
+    target = _tensor(_theirs_layout(cfg, x["target"]), torch.float32)
 
     def step():
         model.zero_grad(set_to_none=True)
-        out = model(hidden_states=hidden, encoder_hidden_states=text, timestep=t, image_rotary_emb=rope,
-                    return_dict=False)[0]
+        out = _call(cfg, model, hidden, text, t, rope)
         torch.mean(torch.square(out.float() - target)).backward()
         return out.detach()
 
     result, out = _measure(step, repeats)
-    return _compare(result, folder, _channels_last(out).transpose(0, 1, 3, 4, 2))
+    return _compare(result, folder, _ours_layout(cfg, out))
 
 
 def train_step(cfg, options: dict, folder: Path, repeats: int) -> dict:
@@ -242,7 +264,7 @@ def train_step(cfg, options: dict, folder: Path, repeats: int) -> dict:
     model = _diffusers_transformer(cfg, folder, torch.float32, train=True,
                                    remat=cfg.model.remat_policy != "none")
     hidden, text, t, rope, x = _transformer_inputs(cfg, folder, torch.float32)
-    target = _tensor(x["target"].transpose(0, 1, 4, 2, 3), torch.float32)
+    target = _tensor(_theirs_layout(cfg, x["target"]), torch.float32)
     t_cfg = cfg.train
     cuda = torch.cuda.is_available()
     optimizer = torch.optim.AdamW(model.parameters(), lr=t_cfg.lr, betas=(t_cfg.adam_b1, t_cfg.adam_b2),
@@ -252,8 +274,7 @@ def train_step(cfg, options: dict, folder: Path, repeats: int) -> dict:
     def step():
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(_device(), dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
-            out = model(hidden_states=hidden, encoder_hidden_states=text, timestep=t, image_rotary_emb=rope,
-                        return_dict=False)[0]
+            out = _call(cfg, model, hidden, text, t, rope)
         loss = torch.mean(torch.square(out.float() - target))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t_cfg.grad_clip)
@@ -267,9 +288,12 @@ def train_step(cfg, options: dict, folder: Path, repeats: int) -> dict:
 def edit(cfg, options: dict, folder: Path, repeats: int) -> dict:
     """The diffusers pipeline's denoising loop, InsViE-style: [noisy | source] channels, the three guidance
     branches batched in one model call per step, CogVideoXDPMScheduler, guidance on the model output (as the
-    pipeline applies it), the per-step guidance scales ours used."""
+    pipeline applies it), the per-step guidance scales ours used. Wan: `_wan_edit`."""
     import torch
     from diffusers import CogVideoXDPMScheduler
+
+    if cfg.model.family == "wan":
+        return _wan_edit(cfg, folder, repeats)
 
     dtype = _torch_dtype(cfg.model.dtype)
     model = _diffusers_transformer(cfg, folder, dtype, train=False, remat=False)
@@ -444,4 +468,91 @@ def wan_transformer_reference(f: int, h: int, w: int, repeats: int, median) -> d
     torch.cuda.reset_peak_memory_stats()
     rows["fwdbwd_checkpointing"] = median(fwdbwd, sync, repeats)
     rows["fwdbwd_checkpointing"]["peak_gib"] = peak()
+    return rows
+
+
+# Wan2.2-TI2V-5B-Diffusers' scheduler_config.json (UniPCMultistepScheduler).
+WAN22_UNIPC = dict(
+    num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", solver_order=2,
+    prediction_type="flow_prediction", thresholding=False, predict_x0=True, solver_type="bh2",
+    lower_order_final=True, disable_corrector=[], use_flow_sigmas=True, flow_shift=5.0,
+    timestep_spacing="linspace", steps_offset=0, final_sigmas_type="zero", use_karras_sigmas=False,
+)
+
+
+def _lucy_loop(model, noise, condition, text, negative, steps: int, text_scale: float, shift: float):
+    """`LucyEditPipeline.__call__`'s denoising loop: per step the conditional and the unconditional transformer
+    call with per-token timesteps (`expand_timesteps`), CFG on the flow prediction, `UniPCMultistepScheduler`
+    (Wan2.2's config, `flow_shift`). Latents (B, C, F, H, W): noise float32, condition in the model dtype."""
+    import diffusers
+    import torch
+
+    b, _, f, h, w = noise.shape
+    p_t, p_h, p_w = model.config.patch_size
+    tokens = (f // p_t) * (h // p_h) * (w // p_w)
+    scheduler = diffusers.UniPCMultistepScheduler(**{**WAN22_UNIPC, "flow_shift": shift})
+    scheduler.set_timesteps(steps, device=noise.device)
+    latents = noise.clone()
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = torch.cat([latents, condition.float()], dim=1).to(condition.dtype)
+            timestep = t.expand(b, tokens)
+            cond = model(x, timestep, text, return_dict=False)[0]
+            uncond = model(x, timestep, negative, return_dict=False)[0]
+            pred = uncond + text_scale * (cond - uncond)
+            latents = scheduler.step(pred, t, latents, return_dict=False)[0]
+    return latents
+
+
+def _wan_edit(cfg, folder: Path, repeats: int) -> dict:
+    """The Wan edit as LucyEditPipeline samples it (lucy guidance), on our side's weights, noise and inputs."""
+    import torch
+
+    if cfg.sample.guidance != "lucy":
+        return {"skipped": "no reference for 3-way guidance on Wan (LucyEditPipeline guides 2-way)"}
+    dtype = _torch_dtype(cfg.model.dtype)
+    model = _diffusers_transformer(cfg, folder, dtype, train=False, remat=False)
+    x = read_inputs(folder)
+    noise = _tensor(_theirs_layout(cfg, x["noise"]), torch.float32)
+    source = _tensor(_theirs_layout(cfg, x["source"]), dtype)
+    text, negative = _tensor(x["text"], dtype), _tensor(x["negative"], dtype)
+
+    def step():
+        return _lucy_loop(model, noise, source, text, negative, cfg.sample.steps, cfg.sample.text_scale,
+                          cfg.diffusion.flow_shift)
+
+    result, out = _measure(step, repeats)
+    return _compare(result, folder, _ours_layout(cfg, out))
+
+
+def wan_sampling_loop_reference(f: int, h: int, w: int, steps: int, text_scale: float = 5.0) -> dict:
+    """LucyEditPipeline's denoising loop on the GPU (bf16, random 5B edit weights, `_lucy_loop`), timed once after
+    a 2-step warm-up: the reference side of `bench.wan torch --loop N`."""
+    import diffusers
+    import torch
+
+    from insvie_jax.convert import wan_keys
+    from insvie_jax.models.wan.config import WanModelConfig
+
+    kwargs = {k: v for k, v in wan_keys.diffusers_config(WanModelConfig()).items() if not k.startswith("_")}
+    with torch.device("cuda"):
+        model = diffusers.WanTransformer3DModel(**kwargs).to(torch.bfloat16).eval()
+    gen = torch.Generator("cuda").manual_seed(0)
+    noise = torch.randn(1, 48, f, h, w, device="cuda", dtype=torch.float32, generator=gen)
+    condition = torch.randn(1, 48, f, h, w, device="cuda", dtype=torch.bfloat16, generator=gen)
+    text = torch.randn(1, 512, 4096, device="cuda", dtype=torch.bfloat16, generator=gen)
+    negative = torch.zeros_like(text)
+
+    def loop(n):
+        out = _lucy_loop(model, noise, condition, text, negative, n, text_scale, 5.0)
+        torch.cuda.synchronize()
+        return out
+
+    rows = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "diffusers": diffusers.__version__}
+    loop(2)
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    loop(steps)
+    rows[f"sample_loop_{steps}"] = {"s": time.perf_counter() - start,
+                                    "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
     return rows

@@ -13,7 +13,7 @@ import numpy as np
 from insvie_jax import config as configlib
 from insvie_jax.bench.timing import Prepared
 from insvie_jax.bench.transformer import transformer_inputs
-from insvie_jax.models import transformer
+from insvie_jax.models import family
 from insvie_jax.models.params import flat_params
 from insvie_jax.parallel import distributed
 from insvie_jax.parallel import mesh as meshlib
@@ -33,7 +33,7 @@ def train_step(cfg, options: dict) -> Prepared:
                                     f"{groups} (mesh {dict(mesh.shape)}): pass --set data.batch_size=...")
     optimizer = steplib.make_optimizer(cfg)
     state = TrainState.init(cfg, mesh, optimizer, load_training_models(cfg))
-    inputs = transformer_inputs(cfg, transformer.abstract(cfg.model), batch=batch_size)
+    inputs = transformer_inputs(cfg, family.abstract(cfg.model), batch=batch_size)
     batch = steplib.put_batch({k: inputs[k] for k in ("source", "target", "text")},
                               steplib.batch_shardings(cfg, mesh))
     step_fn = steplib.make_train_step(cfg, state, optimizer, mesh, groups)
@@ -48,7 +48,7 @@ def train_step(cfg, options: dict) -> Prepared:
         return flat_params(state.replace(variables=current["variables"]).model())
 
     f, h, w, _ = configlib.latent_shape(cfg)
-    flops = 3 * transformer.forward_flops(cfg.model, f, h, w) * batch_size
+    flops = 3 * family.forward_flops(cfg.model, f, h, w) * batch_size
     return Prepared(step=step, flops=flops, samples=batch_size,
                     weights=None if cfg.lora.enabled or jax.process_count() > 1 else weights,
                     inputs=inputs, dtype=cfg.model.dtype,

@@ -1,4 +1,5 @@
-"""Transformer workloads: forward, forward + backward (remat policy and LoRA from the config), attention."""
+"""Transformer workloads: forward, forward + backward (remat policy and LoRA from the config), attention; the edit
+transformer of `model.family` (CogVideoX or Wan)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from flax import nnx
 from insvie_jax.bench.timing import Prepared
 from insvie_jax.config import latent_shape
 from insvie_jax.convert.models import build_transformer
-from insvie_jax.models import transformer
+from insvie_jax.models import family
 from insvie_jax.models.attention import attention as attention_fn
 from insvie_jax.models.params import flat_params
 
@@ -30,7 +31,7 @@ def transformer_inputs(cfg, model, batch: int = 1, seed: int = 0) -> dict[str, n
         "target": rng.standard_normal((batch, f, h, w, m.out_channels), np.float32),
         "timestep": np.full((batch,), 500.0, np.float32),
     }
-    if m.positions == "rope":
+    if getattr(m, "positions", None) == "rope":  # CogVideoX-5B (Wan computes its RoPE tables inside)
         cos, sin = model.positions(f, h, w)
         inputs["rope_cos"], inputs["rope_sin"] = np.asarray(cos, np.float32), np.asarray(sin, np.float32)
     return inputs
@@ -50,7 +51,7 @@ def inference_config(cfg):
 
 def _flops(cfg, batch: int) -> float:
     f, h, w, _ = latent_shape(cfg)
-    return transformer.forward_flops(cfg.model, f, h, w) * batch
+    return family.forward_flops(cfg.model, f, h, w) * batch
 
 
 def forward(cfg, options: dict) -> Prepared:
@@ -109,7 +110,11 @@ def attention(cfg, options: dict) -> Prepared:
     head size, with model.attention's implementation ("auto": cuDNN on GPU, splash on TPU)."""
     m = cfg.model
     f, h, w, _ = latent_shape(cfg)
-    length = m.text_length + f * (h // m.patch_size) * (w // m.patch_size)
+    if m.family == "wan":  # video tokens only: Wan attends to the text in a separate cross-attention
+        pt, ph, pw = m.patch_size
+        length = (f // pt) * (h // ph) * (w // pw)
+    else:
+        length = m.text_length + f * (h // m.patch_size) * (w // m.patch_size)
     rng = np.random.default_rng(0)
     shape = (1, length, m.num_attention_heads, m.attention_head_dim)
     inputs = {n: rng.standard_normal(shape, np.float32) for n in ("q", "k", "v")}

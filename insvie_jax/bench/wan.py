@@ -2,13 +2,16 @@
 
     python -m insvie_jax.bench.wan jax   --frames 21 --height 44 --width 80 --out ours.json
     python -m insvie_jax.bench.wan torch --frames 21 --height 44 --width 80 --out ref.json
+    python -m insvie_jax.bench.wan jax --loop 50 --remat --out ours.json   # the whole guided sampling loop only
 
 Random weights of the real shapes in bf16 on both sides (as the CogVideoX fwd+bwd rows), batch 1 (2 for the
 guided step: a 2-way CFG step is one batch-2 forward), latents (F, H, W) = 21x44x80 for 81x704x1280 video.
 Rows: forward (per-sample and per-token timesteps), guided step, fwd+bwd (parameter gradients of a mean square)
 with remat `attention` / `full` (diffusers: gradient checkpointing). Median of `--repeats` synchronised calls,
 the first call apart; peak memory of the process's allocator. diffusers runs as `LucyEditPipeline` calls it:
-per-token timesteps (`expand_timesteps`).
+per-token timesteps (`expand_timesteps`). `--loop N`: the whole N-step 2-way guided sampling loop (flow UniPC,
+shift 5, CFG 5) timed once after a warm-up: ours one compiled `lax.scan` (`sample.wan_edit.sample_latents`),
+diffusers the pipeline's denoising loop (two transformer calls a step, `UniPCMultistepScheduler`).
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ def run_jax(args) -> dict:
     def peak():
         return jax.devices()[0].memory_stats()["peak_bytes_in_use"] / 2**30
 
+    if args.loop:
+        return _jax_loop(args, rows, inputs, peak)
     for remat in ("none", *args.remat):
         cfg = WanModelConfig(param_dtype="bfloat16", dtype="bfloat16", remat_policy=remat)
         model = wan.build(cfg)
@@ -82,7 +87,34 @@ def run_jax(args) -> dict:
             rows[f"fwdbwd_{remat}"] = _median(lambda: fwdbwd(params, noisy, source, text, t),
                                               jax.block_until_ready, args.repeats)
             rows[f"fwdbwd_{remat}"]["peak_gib"] = peak()
-        del params, rest
+        params = rest = None  # free the weights before the next policy builds its own
+    return rows
+
+
+def _jax_loop(args, rows, inputs, peak) -> dict:
+    """The whole guided sampling loop: compiled once (timed apart), then run once."""
+    import jax
+    from flax import nnx
+
+    from insvie_jax.models.wan import transformer as wan
+    from insvie_jax.models.wan.config import WanModelConfig
+    from insvie_jax.sample import wan_edit
+
+    graphdef, state = nnx.split(wan.build(WanModelConfig(param_dtype="bfloat16", dtype="bfloat16")))
+    settings = wan_edit.WanEditSettings(steps=args.loop)
+    noisy, source, text = inputs(1)
+    negative = jax.numpy.zeros_like(text)
+
+    @jax.jit
+    def run(state, source, text, negative, noisy):
+        return wan_edit.sample_latents(nnx.merge(graphdef, state), source, text, negative, noisy, settings)
+
+    start = time.perf_counter()
+    compiled = run.lower(state, source, text, negative, noisy).compile()
+    rows["loop_compile_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(state, source, text, negative, noisy))
+    rows[f"sample_loop_{args.loop}"] = {"s": time.perf_counter() - start, "peak_gib": peak()}
     return rows
 
 
@@ -95,6 +127,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--remat", nargs="*", default=["attention", "full"], help="fwd+bwd rows (jax side)")
     parser.add_argument("--per-token", action="store_true", help="also time per-token timesteps (jax side)")
+    parser.add_argument("--loop", type=int, default=0, help="time only the whole N-step guided sampling loop")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     if args.side == "jax":
@@ -102,7 +135,10 @@ def main(argv=None) -> None:
     else:
         from insvie_jax.bench.torch_reference import wan_transformer_reference
 
-        rows = wan_transformer_reference(args.frames, args.height, args.width, args.repeats, _median)
+        from insvie_jax.bench.torch_reference import wan_sampling_loop_reference
+
+        rows = (wan_sampling_loop_reference(args.frames, args.height, args.width, args.loop) if args.loop else
+                wan_transformer_reference(args.frames, args.height, args.width, args.repeats, _median))
     rows["latent"] = [args.frames, args.height, args.width]
     with open(args.out, "w") as fh:
         json.dump(rows, fh, indent=2)

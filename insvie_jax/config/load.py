@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import yaml
 
-from insvie_jax.config.schema import Config, ConfigError, _field_types
+from insvie_jax.config.schema import FAMILY_SECTIONS, Config, ConfigError, ModelFamily, _field_types
 from insvie_jax.config.validate import validate
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs"
@@ -44,10 +44,25 @@ def _closest(key: str, valid: list[str], prefix: str) -> str:
     return f"; did you mean '{prefix}{match[0]}'?" if match else ""
 
 
+def section_classes(section: str) -> tuple:
+    """The dataclasses a section can be: one, or one per model family (`model`, `vae`)."""
+    want = _field_types(Config)[section]
+    return typing.get_args(want) if typing.get_origin(want) in (typing.Union, types.UnionType) else (want,)
+
+
 def choices(key: str) -> tuple[str, ...]:
-    """The allowed values of a string key ("sample.sampler"), from its Literal type in the schema."""
+    """The allowed values of a string key ("sample.sampler"), from its Literal type in the schema (for a
+    family-dependent section, the first family's class that has the key)."""
     section, name = key.split(".")
-    return typing.get_args(_field_types(_field_types(Config)[section])[name])
+    cls = next(c for c in section_classes(section) if name in _field_types(c))
+    return typing.get_args(_field_types(cls)[name])
+
+
+def _family(data: dict) -> str:
+    """`model.family` of a config mapping (default cogvideox), checked: it picks the model and vae sections."""
+    model = data.get("model") or {}
+    family = model.get("family", "cogvideox") if isinstance(model, dict) else "cogvideox"
+    return _coerce("model.family", family, ModelFamily)
 
 
 def _coerce(path: str, value: Any, want: Any) -> Any:
@@ -107,22 +122,29 @@ def _check_number(path: str, value: Any, field: dataclasses.Field) -> None:
         raise ConfigError(f"config key '{path}' = {value}: must {allowed}")
 
 
-def _build(cls, data: dict, prefix: str = ""):
+def _build(cls, data: dict, prefix: str = "", family: str | None = None):
     if not isinstance(data, dict):
         raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
     types_ = _field_types(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    if cls is Config:
+        family = _family(data)
+        types_ = {**types_, **FAMILY_SECTIONS[family]}
     kwargs = {}
     for key, value in data.items():
         path = prefix + key
         if key not in types_:
-            raise ConfigError(f"unknown config key '{path}'{_closest(key, list(types_), prefix)}")
+            where = (f" (model.family={family}: the {prefix.rstrip('.')} section is {cls.__name__})"
+                     if family and prefix.rstrip(".") in FAMILY_SECTIONS[family] else "")
+            raise ConfigError(f"unknown config key '{path}'{_closest(key, list(types_), prefix)}{where}")
         want = types_[key]
         if dataclasses.is_dataclass(want):
-            kwargs[key] = _build(want, value or {}, path + ".")
+            kwargs[key] = _build(want, value or {}, path + ".", family)
         else:
             kwargs[key] = _coerce(path, value, want)
             _check_number(path, kwargs[key], fields[key])
+    if cls is Config:  # a family section left out is the family's defaults, not CogVideoX's
+        kwargs.update({k: section() for k, section in FAMILY_SECTIONS[family].items() if k not in kwargs})
     return cls(**kwargs)
 
 

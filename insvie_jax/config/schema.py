@@ -14,6 +14,15 @@ ComputeDtype = Literal["float32", "bfloat16", "float16"]
 ParamDtype = Literal["float32", "bfloat16"]
 # No float16 for T5: v1.1 feed-forward activations overflow it (Hugging Face clamps; bf16 needs no clamp).
 TextDtype = Literal["float32", "bfloat16"]
+Attention = Literal["auto", "cudnn", "xla", "splash", "ring", "context_gather"]  # models/attention.py
+RematPolicy = Literal["none", "full", "attention", "full_offload", "attention_offload", "attention_offload_all",
+                      "dots", "dots_no_batch"]
+# The model families: `model.family` picks the model and vae sections' dataclasses (FAMILY_SECTIONS, below);
+# the text encoder, objective, sampler and guidance must fit the family (validate.py says which).
+ModelFamily = Literal["cogvideox", "wan"]
+# DDPM samplers (v-prediction, CogVideoX) and flow-matching samplers (Wan: diffusion/flow.py).
+DDPMSampler = Literal["dpmpp_2m_sde", "cogvideox_dpm", "ddim"]
+FlowSampler = Literal["flow_unipc", "flow_euler"]
 
 
 class ConfigError(ValueError):
@@ -54,6 +63,7 @@ def ranged(default: float, spec: str):
 class ModelConfig:
     """The CogVideoX editing transformer. Sizes follow diffusers' `CogVideoXTransformer3DModel` names."""
 
+    family: Literal["cogvideox"] = "cogvideox"
     name: str = "cogvideox-2b-edit"
     num_layers: int = ranged(30, ">= 1")
     num_attention_heads: int = ranged(30, ">= 1")
@@ -80,7 +90,7 @@ class ModelConfig:
     norm_out_eps: float = ranged(1e-5, "> 0")  # diffusers; SAT's final adaLN norm uses 1e-6
     param_dtype: ParamDtype = "float32"
     dtype: ComputeDtype = "bfloat16"
-    attention: Literal["auto", "cudnn", "xla", "splash", "ring", "context_gather"] = "auto"  # models/attention.py
+    attention: Attention = "auto"  # models/attention.py
     # TPU splash-attention tiles (multiples of 128; block_kv_compute divides block_kv); backward uses the same.
     # 0: the tile for the TPU generation compiled for (models/attention.py SPLASH_TILES).
     splash_block_q: int = ranged(0, ">= 0")
@@ -88,8 +98,7 @@ class ModelConfig:
     splash_block_kv_compute: int = ranged(0, ">= 0")
     splash_fused_bwd: bool = False  # one fused dQ/dK/dV backward kernel instead of two
     scan_layers: bool = True
-    remat_policy: Literal["none", "full", "attention", "full_offload", "attention_offload", "attention_offload_all",
-                          "dots", "dots_no_batch"] = "none"
+    remat_policy: RematPolicy = "none"
 
     @property
     def hidden_size(self) -> int:
@@ -98,6 +107,47 @@ class ModelConfig:
     @property
     def mlp_dim(self) -> int:
         return int(self.hidden_size * self.mlp_ratio)
+
+
+@dataclasses.dataclass(frozen=True)
+class WanModelConfig:
+    """The Wan edit transformer (diffusers `WanTransformer3DModel`, Lucy-Edit layout: source latents concatenated
+    on channels). Field names follow `ModelConfig` where the two mean the same, diffusers' otherwise; defaults
+    are Wan2.2-TI2V-5B's in the edit layout (in_channels 96 = 2 x 48)."""
+
+    family: Literal["wan"] = "wan"
+    name: str = "wan22-ti2v-5b-edit"
+    num_layers: int = ranged(30, ">= 1")
+    num_attention_heads: int = ranged(24, ">= 1")
+    attention_head_dim: int = ranged(128, ">= 1")
+    in_channels: int = ranged(48, ">= 1")  # latent channels of one stream (= vae.z_dim); the patch embedding takes 2x
+    out_channels: int = ranged(48, ">= 1")
+    patch_size: list = dataclasses.field(default_factory=lambda: [1, 2, 2])  # (frames, height, width)
+    text_embed_dim: int = ranged(4096, ">= 1")  # = text_encoder.d_model (UMT5-XXL)
+    text_length: int = ranged(512, ">= 1")  # = text_encoder.max_length
+    freq_dim: int = ranged(256, ">= 2")  # sinusoidal timestep features
+    ffn_dim: int = ranged(14336, ">= 1")
+    cross_attn_norm: bool = True
+    eps: float = ranged(1e-6, "> 0")
+    rope_max_seq_len: int = ranged(1024, ">= 1")
+    rope_theta: float = ranged(10000.0, "> 0")
+    param_dtype: ParamDtype = "float32"
+    dtype: ComputeDtype = "bfloat16"
+    attention: Attention = "auto"
+    splash_block_q: int = ranged(512, ">= 0")
+    splash_block_kv: int = ranged(512, ">= 0")
+    splash_block_kv_compute: int = ranged(512, ">= 0")
+    splash_fused_bwd: bool = False
+    scan_layers: bool = True
+    remat_policy: RematPolicy = "none"
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def mlp_dim(self) -> int:
+        return self.ffn_dim
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,15 +224,30 @@ class WanVAEConfig:
     tile_sample_width: int = 256
     tile_stride_height: int = 192
     tile_stride_width: int = 192
-    param_dtype: str = "float32"
-    dtype: str = "bfloat16"
+    param_dtype: ParamDtype = "float32"
+    dtype: ComputeDtype = "bfloat16"
+
+    @property
+    def spatial_compression(self) -> int:  # the 2x2 patchify, then one halving per downsampling level
+        return self.patch_size * 2 ** (len(self.dim_mult) - 1)
+
+    @property
+    def temporal_compression(self) -> int:
+        return 2 ** sum(bool(t) for t in self.temperal_downsample)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.z_dim
 
 
 @dataclasses.dataclass(frozen=True)
 class TextEncoderConfig:
-    """The T5 v1.1 encoder. Sizes follow Hugging Face `T5Config` names; defaults are t5-v1_1-xxl (CogVideoX)."""
+    """The T5 v1.1 encoder (family t5), or UMT5 (family umt5: Wan's; a relative position bias in every layer).
+    Sizes follow Hugging Face `T5Config` names; defaults are t5-v1_1-xxl (CogVideoX); `models.umt5.
+    umt5_xxl_config()` gives UMT5-XXL's (vocab 256384, 512 tokens)."""
 
-    path: str = ""  # Hugging Face T5 folder; empty = random init (tests, tiny)
+    family: Literal["t5", "umt5"] = "t5"
+    path: str = ""  # Hugging Face T5 / UMT5 folder; empty = random init (tests, tiny)
     max_length: int = ranged(226, ">= 1")
     vocab_size: int = ranged(32128, ">= 3")
     d_model: int = ranged(4096, ">= 1")
@@ -205,6 +270,10 @@ class DiffusionConfig:
     beta_end: float = ranged(0.012, "(0, 1)")
     snr_shift_scale: float = ranged(3.0, "> 0")  # 3.0 for 2B, 1.0 for 5B
     prediction: str = "v"
+    # "v": DDPM v-prediction (CogVideoX, the keys above); "flow": rectified flow, velocity target, σ shifted by
+    # flow_shift (Wan: diffusion/flow.py; 5.0 for Wan2.2-TI2V-5B, 3.0 for 480p Wan2.1).
+    objective: Literal["v", "flow"] = "v"
+    flow_shift: float = ranged(5.0, "> 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -375,16 +444,29 @@ class SampleConfig:
     guidance_schedule: Literal["insvie", "cosine", "constant"] = "insvie"
     guidance_exponent: int = ranged(5, ">= 0")  # the cosine schedule's power (InsViE's `exp`)
     # "dpmpp_2m_sde": SAT's VP-SDE DPM++(2M) exactly as InsViE samples; "cogvideox_dpm" / "ddim": diffusers'
-    # CogVideoXDPMScheduler / CogVideoXDDIMScheduler (trailing spacing).
-    sampler: Literal["dpmpp_2m_sde", "cogvideox_dpm", "ddim"] = "dpmpp_2m_sde"
+    # CogVideoXDPMScheduler / CogVideoXDDIMScheduler (trailing spacing). Flow objective (Wan): "flow_unipc"
+    # (Wan's UniPCMultistepScheduler) / "flow_euler" (FlowMatchEulerDiscreteScheduler).
+    sampler: Literal[DDPMSampler, FlowSampler] = "dpmpp_2m_sde"
+    # "insvie": 3-way (text_scale, source_scale; CogVideoX and Wan) | "lucy": 2-way text CFG, the source in both
+    # branches (Wan, as LucyEditPipeline)
+    guidance: Literal["insvie", "lucy"] = "insvie"
+    negative_prompt: str = ""  # lucy's unconditional text (encoded); "" = the empty prompt
     fps: int = ranged(7, ">= 1")
     seed: int = ranged(0, ">= 0")
 
 
+# The sections whose dataclass `model.family` picks; each family's value is its own `family` field's one value.
+FAMILY_SECTIONS = {
+    "cogvideox": {"model": ModelConfig, "vae": VAEConfig},
+    "wan": {"model": WanModelConfig, "vae": WanVAEConfig},
+}
+assert tuple(FAMILY_SECTIONS) == typing.get_args(ModelFamily)
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    vae: VAEConfig = dataclasses.field(default_factory=VAEConfig)
+    model: ModelConfig | WanModelConfig = dataclasses.field(default_factory=ModelConfig)
+    vae: VAEConfig | WanVAEConfig = dataclasses.field(default_factory=VAEConfig)
     text_encoder: TextEncoderConfig = dataclasses.field(default_factory=TextEncoderConfig)
     diffusion: DiffusionConfig = dataclasses.field(default_factory=DiffusionConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
@@ -403,7 +485,8 @@ class Config:
 
 
 def latent_shape(config: Config) -> tuple[int, int, int, int]:
-    """(frames, height, width, channels) of the model input latents of config.data's clip."""
+    """(frames, height, width, channels) of the model input latents of config.data's clip (CogVideoX: 8x spatial,
+    Wan2.2: 16x; both 4x temporal)."""
     d, v = config.data, config.vae
     return ((d.num_frames - 1) // v.temporal_compression + 1, d.height // v.spatial_compression,
             d.width // v.spatial_compression, config.model.in_channels)

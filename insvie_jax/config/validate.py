@@ -4,7 +4,39 @@ from __future__ import annotations
 
 
 
-from insvie_jax.config.schema import Config, ConfigError, DataConfig, VAEConfig
+import typing
+
+from insvie_jax.config.schema import (
+    Config,
+    ConfigError,
+    DataConfig,
+    DDPMSampler,
+    FlowSampler,
+    VAEConfig,
+    WanModelConfig,
+    WanVAEConfig,
+)
+
+# What each model family needs of the other sections: (key, allowed values, why).
+_FAMILY_NEEDS = {
+    "cogvideox": (("text_encoder.family", ("t5",), "CogVideoX reads T5 v1.1 states"),
+                  ("diffusion.objective", ("v",), "CogVideoX is a DDPM v-prediction model"),
+                  ("sample.sampler", typing.get_args(DDPMSampler), "the v objective samples with a DDPM sampler"),
+                  ("sample.guidance", ("insvie",), "the CogVideoX edit samples with InsViE's 3-way guidance")),
+    "wan": (("text_encoder.family", ("umt5",), "Wan reads UMT5 states"),
+            ("diffusion.objective", ("flow",), "Wan is a rectified-flow model"),
+            ("sample.sampler", typing.get_args(FlowSampler), "the flow objective samples with a flow sampler")),
+}
+
+
+def _validate_family(config: Config) -> None:
+    family = config.model.family
+    for key, allowed, why in _FAMILY_NEEDS[family]:
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value} does not fit model.family={family} ({why}): set {key}="
+                              f"{' or '.join(allowed)}")
 
 
 def _validate_vae(v: VAEConfig) -> None:
@@ -43,10 +75,37 @@ def _validate_data(d: DataConfig, step: int) -> None:
                           "lists for 'video')")
 
 
+def _validate_wan(config: Config) -> None:
+    m, v, te = config.model, config.vae, config.text_encoder
+    assert isinstance(m, WanModelConfig) and isinstance(v, WanVAEConfig)
+    if len(m.patch_size) != 3 or not all(isinstance(p, int) and p >= 1 for p in m.patch_size):
+        raise ConfigError(f"model.patch_size={m.patch_size} must be three positive ints [frames, height, width]")
+    if len(v.temperal_downsample) != len(v.dim_mult) - 1:
+        raise ConfigError(f"vae.temperal_downsample={v.temperal_downsample} needs one entry per downsampling level "
+                          f"({len(v.dim_mult) - 1} for vae.dim_mult={v.dim_mult})")
+    for key in ("latents_mean", "latents_std"):
+        if len(getattr(v, key)) != v.z_dim:
+            raise ConfigError(f"vae.{key} has {len(getattr(v, key))} entries: it needs one per latent channel "
+                              f"(vae.z_dim={v.z_dim})")
+    if not m.in_channels == m.out_channels == v.z_dim:
+        raise ConfigError(f"model.in_channels={m.in_channels} and model.out_channels={m.out_channels} must equal "
+                          f"vae.z_dim={v.z_dim} (one latent stream; the patch embedding takes source + noisy)")
+    if (m.text_embed_dim, m.text_length) != (te.d_model, te.max_length):
+        raise ConfigError(f"model.text_embed_dim={m.text_embed_dim} / model.text_length={m.text_length} must equal "
+                          f"text_encoder.d_model={te.d_model} / text_encoder.max_length={te.max_length}")
+    if m.hidden_size % 2 or m.attention_head_dim < 6 or m.freq_dim % 2:
+        raise ConfigError(f"model.attention_head_dim={m.attention_head_dim} must be >= 6 (3D RoPE splits it over "
+                          f"frames, height, width) and model.freq_dim={m.freq_dim} even")
+
+
 def validate(config: Config) -> None:
-    _validate_vae(config.vae)
+    _validate_family(config)
+    if config.model.family == "wan":
+        _validate_wan(config)
+    else:
+        _validate_vae(config.vae)
     m, d = config.model, config.data
-    if m.hidden_size % 4 or (m.positions == "sincos" and m.hidden_size % 16):
+    if m.family == "cogvideox" and (m.hidden_size % 4 or (m.positions == "sincos" and m.hidden_size % 16)):
         raise ConfigError(
             f"model hidden size {m.hidden_size} (heads x head_dim) must be divisible by 16 for sin-cos positions"
         )
@@ -58,22 +117,22 @@ def validate(config: Config) -> None:
     if m.splash_block_kv_compute and m.splash_block_kv and m.splash_block_kv % m.splash_block_kv_compute:
         raise ConfigError(f"model.splash_block_kv_compute={m.splash_block_kv_compute} must divide "
                           f"model.splash_block_kv={m.splash_block_kv}")
-    if m.positions == "rope" and m.attention_head_dim % 16:
+    if m.family == "cogvideox" and m.positions == "rope" and m.attention_head_dim % 16:
         raise ConfigError(f"model.attention_head_dim={m.attention_head_dim} must be divisible by 16 for 3D RoPE")
-    if d.num_frames < 1 or (d.num_frames - 1) % m.temporal_compression:
-        k = max((d.num_frames - 1) // m.temporal_compression, 0)
-        raise ConfigError(
-            f"data.num_frames={d.num_frames} must be {m.temporal_compression}k+1 (e.g. "
-            f"{m.temporal_compression * k + 1} or {m.temporal_compression * (k + 1) + 1})"
-        )
-    step = config.vae.spatial_compression * m.patch_size
+    # CogVideoX's transformer counts frames itself (model.temporal_compression); Wan's follows its VAE.
+    tc = m.temporal_compression if m.family == "cogvideox" else config.vae.temporal_compression
+    if d.num_frames < 1 or (d.num_frames - 1) % tc:
+        k = max((d.num_frames - 1) // tc, 0)
+        raise ConfigError(f"data.num_frames={d.num_frames} must be {tc}k+1 (e.g. {tc * k + 1} or {tc * (k + 1) + 1})")
+    patch = m.patch_size if m.family == "cogvideox" else max(m.patch_size[1:])
+    step = config.vae.spatial_compression * patch
     _validate_data(d, step)
     for key in ("height", "width"):
         value = getattr(d, key)
         if value <= 0 or value % step:
             raise ConfigError(
                 f"data.{key}={value} must be a positive multiple of {step} (VAE factor "
-                f"{config.vae.spatial_compression} x patch size {m.patch_size})"
+                f"{config.vae.spatial_compression} x patch size {patch})"
             )
     if m.dtype == "float16" and m.hidden_size >= 3072:
         raise ConfigError(

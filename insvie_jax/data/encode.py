@@ -40,6 +40,7 @@ from insvie_jax.convert.models import load_encoders
 from insvie_jax.data import records
 from insvie_jax.data.sources import BadSamples, Clip, SampleError, Triplet, load_clip, read_lists, to_unit_range
 from insvie_jax.data.video import VideoError
+from insvie_jax.models import family
 from insvie_jax.parallel import distributed
 from insvie_jax.parallel.mesh import create_mesh
 
@@ -84,10 +85,13 @@ class TripletEncoder:
             posterior = vae.encode(video)
             return posterior.mean, posterior.std
 
-        # CogVideoX runs T5 without an attention mask (padding tokens attend too), so neither do we.
+        # CogVideoX runs T5 without an attention mask (padding tokens attend too), so neither do we; Wan runs UMT5
+        # masked, zero past each prompt (models.family.text_states).
+        text_cfg = cfg.text_encoder
+
         @nnx.jit
-        def encode_text(encoder, ids):
-            return encoder(ids).astype(jnp.bfloat16)
+        def encode_text(encoder, ids, mask):
+            return family.text_states(text_cfg, encoder, ids, mask).astype(jnp.bfloat16)
 
         self._encode_video, self._encode_text = encode_video, encode_text
 
@@ -101,9 +105,9 @@ class TripletEncoder:
         out = []
         for i in range(0, len(instructions), TEXT_BATCH):
             chunk = list(instructions[i:i + TEXT_BATCH])
-            ids, _ = self._tokenize(self.tokenizer, chunk + [""] * (TEXT_BATCH - len(chunk)),
-                                    self.cfg.text_encoder.max_length)
-            out.append(np.asarray(self._encode_text(self.text_encoder, ids))[: len(chunk)])
+            ids, mask = self._tokenize(self.tokenizer, chunk + [""] * (TEXT_BATCH - len(chunk)),
+                                       self.cfg.text_encoder.max_length)
+            out.append(np.asarray(self._encode_text(self.text_encoder, ids, mask))[: len(chunk)])
         return np.concatenate(out) if out else np.zeros((0, self.cfg.text_encoder.max_length,
                                                          self.cfg.text_encoder.d_model), ml_dtypes.bfloat16)
 
@@ -116,15 +120,18 @@ class TripletEncoder:
             nnx.update(model, jax.device_put(nnx.state(model), replicated))
         vae_graph, text_graph = nnx.graphdef(self.vae), nnx.graphdef(self.text_encoder)
 
-        @jax.jit
-        def step(vae_state, text_state, video, ids):
-            posterior = nnx.merge(vae_graph, vae_state).encode(video)
-            # CogVideoX runs T5 without an attention mask, so neither do we (see `text`).
-            return posterior.mean, posterior.std, nnx.merge(text_graph, text_state)(ids).astype(jnp.bfloat16)
+        text_cfg = self.cfg.text_encoder
 
-        def run(video: np.ndarray, ids: np.ndarray):
-            video, ids = jax.device_put(video, split), jax.device_put(ids, split)
-            return step(nnx.state(self.vae), nnx.state(self.text_encoder), video, ids)
+        @jax.jit
+        def step(vae_state, text_state, video, ids, mask):
+            posterior = nnx.merge(vae_graph, vae_state).encode(video)
+            # the family's text states (see `text`)
+            text = family.text_states(text_cfg, nnx.merge(text_graph, text_state), ids, mask)
+            return posterior.mean, posterior.std, text.astype(jnp.bfloat16)
+
+        def run(video: np.ndarray, ids: np.ndarray, mask: np.ndarray):
+            video, ids, mask = (jax.device_put(a, split) for a in (video, ids, mask))
+            return step(nnx.state(self.vae), nnx.state(self.text_encoder), video, ids, mask)
 
         return run
 
@@ -140,9 +147,9 @@ class TripletEncoder:
         pad = self.batch_size - len(clips)
         pairs = np.stack([np.stack([c.source, c.target]) for c in clips])  # (n, 2, F, H, W, 3)
         pairs = np.concatenate([pairs, np.zeros((pad, *pairs.shape[1:]), np.uint8)])
-        ids, _ = self._tokenize(self.tokenizer, [c.triplet.instruction for c in clips] + [""] * pad,
-                                self.cfg.text_encoder.max_length)
-        mean, std, text = self._step(to_unit_range(pairs.reshape(-1, *pairs.shape[2:])), ids)
+        ids, mask = self._tokenize(self.tokenizer, [c.triplet.instruction for c in clips] + [""] * pad,
+                                   self.cfg.text_encoder.max_length)
+        mean, std, text = self._step(to_unit_range(pairs.reshape(-1, *pairs.shape[2:])), ids, mask)
         mean, std = (np.asarray(a).reshape(self.batch_size, 2, *a.shape[1:]) for a in (mean, std))
         bf16, text = ml_dtypes.bfloat16, np.asarray(text)
         return [{"name": c.triplet.name, "instruction": c.triplet.instruction,
@@ -286,4 +293,5 @@ def _manifest(cfg, digest: str, units: list[dict], list_report: BadSamples) -> d
             entry["count"] += unit["counts"][key]
             entry["files"].append(file)
     return records.make_manifest(buckets, (cfg.text_encoder.max_length, cfg.text_encoder.d_model),
-                                 cfg.vae.latent_channels, cfg.vae.scaling_factor, digest, bad.to_dict())
+                                 cfg.vae.latent_channels, getattr(cfg.vae, "scaling_factor", None), digest,
+                                 bad.to_dict())

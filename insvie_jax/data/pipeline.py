@@ -2,7 +2,7 @@
 
 `make_pipeline(cfg, split, process_index, process_count)` returns an iterator of dicts
 {source, target, text} of float32 numpy arrays, laid out as `data/synthetic.py`'s batches: latents
-(B, f, h, w, C) already multiplied by `vae.scaling_factor`, text (B, L, D); B = data.batch_size /
+(B, f, h, w, C) already the diffusion model's (`models.latents.to_model`), text (B, L, D); B = data.batch_size /
 process_count (this host's part of the global batch). `it.get_state()` / `it.set_state(state)` (JSON-able
 dicts) restore the exact next batch, worker processes included.
 
@@ -28,6 +28,7 @@ import numpy as np
 
 from insvie_jax import storage
 from insvie_jax.data import records
+from insvie_jax.models import latents as latents_lib
 from insvie_jax.data.sources import BadSamples, read_list, try_load_clip
 
 log = logging.getLogger(__name__)
@@ -97,10 +98,11 @@ class DecodeRecord:
 
 
 class DrawPosterior:
-    """A fresh posterior sample (mean + std * noise), scaled by `vae.scaling_factor`; float32 everywhere."""
+    """A fresh posterior sample (mean + std * noise), into the diffusion model's latents (`models.latents.to_model`:
+    x vae.scaling_factor, or Wan's per-channel statistics); float32 everywhere."""
 
-    def __init__(self, scaling_factor: float, with_names: bool):
-        self.scaling_factor, self.with_names = scaling_factor, with_names
+    def __init__(self, vae_cfg, with_names: bool):
+        self.vae_cfg, self.with_names = vae_cfg, with_names
 
     def __call__(self, record: dict, rng: np.random.Generator) -> dict:
         if "__bad__" in record:
@@ -110,7 +112,7 @@ class DrawPosterior:
             mean = record[f"{stream}_mean"].astype(np.float32)
             std = record[f"{stream}_std"].astype(np.float32)
             noise = rng.standard_normal(mean.shape, dtype=np.float32)
-            out[stream] = (mean + std * noise) * np.float32(self.scaling_factor)
+            out[stream] = latents_lib.to_model(self.vae_cfg, mean + std * noise)
         out["text"] = record["text"].astype(np.float32)
         if self.with_names:
             out["name"] = record["name"]
@@ -161,7 +163,7 @@ def _check_manifest(cfg, manifest: dict, folder: str) -> None:
 
 def _arrayrecord_streams(cfg, train, process_index, process_count, batch, report, with_names):
     streams, weights = [], []
-    draw = DrawPosterior(cfg.vae.scaling_factor, with_names)
+    draw = DrawPosterior(cfg.vae, with_names)
     for number, (folder, weight) in enumerate(zip(cfg.data.paths, _weights(cfg))):
         manifest = records.read_manifest(folder)
         _check_manifest(cfg, manifest, folder)
@@ -238,7 +240,7 @@ class EncodeBatch:
         from insvie_jax.data.encode import TripletEncoder
 
         self.encoder = TripletEncoder(cfg)
-        self.scaling_factor = np.float32(cfg.vae.scaling_factor)
+        self.vae_cfg = cfg.vae
         d = cfg.data
         self.noise = (d.source_noise_log_mean, d.source_noise_log_std) if d.source_noise else None
 
@@ -251,7 +253,7 @@ class EncodeBatch:
         mean, std = self.encoder.video(np.concatenate([source, batch["target"].astype(source.dtype)]))
         noise = np.stack([np.random.default_rng(int(s)).standard_normal(mean.shape[1:], dtype=np.float32)
                           for s in batch["noise_seed"]] * 2)
-        latents = (mean + std * noise) * self.scaling_factor
+        latents = latents_lib.to_model(self.vae_cfg, mean + std * noise)
         out = {"source": latents[:size], "target": latents[size:],
                "text": self.encoder.text(list(batch["instruction"])).astype(np.float32)}
         if "name" in batch:

@@ -22,13 +22,16 @@ with m1, m2 the x0̂ of the two previous steps and x_last the previous step's co
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-FLOW_SAMPLERS = ("flow_unipc", "flow_euler")
+from insvie_jax.config.schema import FlowSampler
+
+FLOW_SAMPLERS = typing.get_args(FlowSampler)  # the schema's list (sample.sampler); make_plan has one branch each
 
 
 def shift_sigmas(sigma, shift: float):

@@ -19,6 +19,7 @@ so a sampling loop is one `lax.scan` over the rows of a `SamplerPlan`, with no P
 from __future__ import annotations
 
 import dataclasses
+import typing
 
 import jax.numpy as jnp
 import numpy as np
@@ -27,7 +28,7 @@ from insvie_jax import config as configlib
 from insvie_jax.config import DiffusionConfig
 from insvie_jax.diffusion import schedule
 
-SAMPLERS = configlib.choices("sample.sampler")  # the schema's list; make_plan has one branch each
+SAMPLERS = typing.get_args(configlib.DDPMSampler)  # the schema's list; make_plan has one branch each
 
 
 @dataclasses.dataclass(frozen=True)

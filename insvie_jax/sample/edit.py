@@ -30,8 +30,9 @@ from insvie_jax import storage
 from insvie_jax.config import Config
 from insvie_jax.convert.models import Models, load_models
 from insvie_jax.data import video as videolib
+from insvie_jax.models import family
 from insvie_jax.models import t5 as t5_model
-from insvie_jax.sample import loop
+from insvie_jax.sample import loop, wan_edit
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,9 @@ def decode_latents(vae, latents):
     return vae.decode(latents)
 
 
-@nnx.jit
-def _encode_text(encoder, ids):
-    return encoder(ids)
+@nnx.jit(static_argnums=(0,))
+def _encode_text(text_cfg, encoder, ids, mask):
+    return family.text_states(text_cfg, encoder, ids, mask)
 
 
 def encode_instruction(models: Models, instruction: str) -> tuple[jax.Array, bool]:
@@ -69,9 +70,9 @@ def encode_instruction(models: Models, instruction: str) -> tuple[jax.Array, boo
     As CogVideoX: truncated, EOS, zero-padded to max_length, and no attention mask (pads are attended to)."""
     max_length = models.text_cfg.max_length
     tokens = len(models.tokenizer.encode([instruction], out_type=int)[0]) + 1  # + EOS
-    ids, _ = t5_model.tokenize(models.tokenizer, [instruction], max_length)
+    ids, mask = t5_model.tokenize(models.tokenizer, [instruction], max_length)
     # Rounded to bfloat16 as `encode` stores it: the model edits with exactly the conditioning it was trained on.
-    text = _encode_text(models.text_encoder, ids).astype(jnp.bfloat16).astype(jnp.float32)
+    text = _encode_text(models.text_cfg, models.text_encoder, ids, mask).astype(jnp.bfloat16).astype(jnp.float32)
     return text, tokens > max_length
 
 
@@ -94,6 +95,8 @@ class Editor:
              progress: bool = True) -> EditResult:
         cfg = self.cfg
         seed = cfg.sample.seed if seed is None else seed
+        if cfg.model.family == "wan":
+            return self._edit_wan(video, instruction, out, seed)
         max_frames = (self.models.model_cfg if self.models else cfg.model).sample_frames
         clip = videolib.read_clip(video, cfg.data.height, cfg.data.width, max_frames, cfg.vae.temporal_compression)
         if self.models is None:
@@ -128,6 +131,41 @@ class Editor:
             "guidance_schedule": cfg.sample.guidance_schedule, "frames": frames,
             "size": [cfg.data.height, cfg.data.width], "fps": cfg.sample.fps,
             "source_fps": float(clip.fps) if clip.fps else None, "checkpoint": models.checkpoint,
+        }
+        result = EditResult(storage.path(out) / output_name(video, instruction), videolib.to_uint8(decoded),
+                            videolib.to_uint8(source), meta)
+        write(result, cfg.sample.fps)
+        return result
+
+
+    def _edit_wan(self, video, instruction: str, out, seed: int) -> EditResult:
+        """The Wan edit (`sample/wan_edit.py`, as LucyEditPipeline runs it, sample.guidance lucy or insvie): up to
+        data.num_frames frames; the unconditional text is sample.negative_prompt encoded, or the zero text
+        (text dropout's) when it is empty."""
+        cfg = self.cfg
+        tc = cfg.vae.temporal_compression
+        clip = videolib.read_clip(video, cfg.data.height, cfg.data.width, cfg.data.num_frames, tc)
+        if self.models is None:
+            checkpoint, vae, t5 = self._paths
+            self.models = load_models(cfg, checkpoint=checkpoint, ema=self._ema, vae=vae, text_encoder=t5)
+        models = self.models
+        frames = videolib.usable_frames(len(clip.frames), cfg.data.num_frames, tc)
+        source = clip.frames[:frames]
+        text, truncated = encode_instruction(models, instruction)
+        if truncated:
+            log.warning("insvie-jax edit: the instruction is longer than text_encoder.max_length=%d tokens and was "
+                        "truncated: %r", models.text_cfg.max_length, instruction)
+        negative = encode_instruction(models, cfg.sample.negative_prompt)[0] if cfg.sample.negative_prompt else None
+        settings = wan_edit.settings_from_config(cfg)
+        run = wan_edit.jit_edit(models.vae_cfg, settings)
+        decoded = np.asarray(run(models.transformer, models.vae, jnp.asarray(source[None]), text, negative,
+                                 key=jax.random.key(seed)))[0, :frames]
+        meta = {
+            "video": str(video), "instruction": instruction, "instruction_truncated": truncated, "seed": seed,
+            "family": "wan", "steps": settings.steps, "sampler": settings.sampler, "shift": settings.shift,
+            "guidance": settings.guidance, "text_scale": settings.text_scale, "source_scale": settings.source_scale,
+            "negative_prompt": cfg.sample.negative_prompt, "frames": frames, "size": [cfg.data.height, cfg.data.width],
+            "fps": cfg.sample.fps, "source_fps": float(clip.fps) if clip.fps else None, "checkpoint": models.checkpoint,
         }
         result = EditResult(storage.path(out) / output_name(video, instruction), videolib.to_uint8(decoded),
                             videolib.to_uint8(source), meta)

@@ -48,6 +48,13 @@ class WanEditSettings:
         flow.make_plan(self.sampler, self.steps, self.shift)  # one line naming the bad sampler or steps
 
 
+def settings_from_config(cfg) -> WanEditSettings:
+    """The edit settings of a config's `sample` and `diffusion` sections (model.family: wan)."""
+    s = cfg.sample
+    return WanEditSettings(sampler=s.sampler, steps=s.steps, shift=cfg.diffusion.flow_shift, guidance=s.guidance,
+                           text_scale=s.text_scale, source_scale=s.source_scale)
+
+
 def encode_source(vae: wan_vae.WanVAE, vae_cfg: WanVAEConfig, video: jax.Array) -> jax.Array:
     """Source video (B, F, H, W, 3) in [-1, 1] -> the diffusion model's (normalised) source latents."""
     return wan_vae.normalize_latents(vae.encode(video).mode(), vae_cfg)

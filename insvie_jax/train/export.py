@@ -72,8 +72,13 @@ def read_run_model(run_dir: str | Path, step: int | None = None, use_ema: bool =
 def export_model(run_dir: str | Path, dst: str | Path, use_ema: bool = False, step: int | None = None,
                  format: str = "native", dtype: str = "fp32") -> Path:
     """Writes a run's checkpoint (latest, or `step`) as a plain transformer checkpoint that
-    `load_transformer` reads: the trained (or EMA) weights, LoRA adapters merged in. Runs on one device."""
+    `load_transformer` reads (model.family wan: a diffusers folder, whatever `format`): the trained (or EMA)
+    weights, LoRA adapters merged in. Runs on one device."""
     from insvie_jax.convert.api import save_transformer
 
     model, cfg = read_run_model(run_dir, step, use_ema)
+    if cfg.model.family == "wan":  # a diffusers WanTransformer3DModel folder: what diffusers and load_models read
+        from insvie_jax.convert.wan_keys import save_wan_transformer
+
+        return save_wan_transformer(model, cfg.model, dst, dtype)
     return save_transformer(model, cfg.model, dst, format, dtype)

@@ -43,7 +43,7 @@ def peak_memory_bytes(device) -> int | None:
 
 def step_flops(cfg, latent: tuple[int, int, int], num_devices: int) -> float:
     """Model FLOPs of one training step (forward + backward = 3x forward) on one device."""
-    from insvie_jax.models.transformer import forward_flops
+    from insvie_jax.models.family import forward_flops
 
     return 3 * forward_flops(cfg.model, *latent) * cfg.data.batch_size / num_devices
 

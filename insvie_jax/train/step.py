@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from insvie_jax.config import Config
 from insvie_jax.diffusion import loss as losslib
-from insvie_jax.diffusion import schedule
+from insvie_jax.diffusion import objective
 from insvie_jax.parallel import sharding as shardlib
 from insvie_jax.train.state import TrainState
 
@@ -76,7 +76,6 @@ def step_key(seed: int, step) -> jax.Array:
 
 def make_loss_fn(cfg: Config, graphdef, timestep_groups: int = 1):
     """loss(params, frozen, batch, key) -> mean InsViE loss, with conditioning dropout."""
-    a_table = jnp.asarray(schedule.sqrt_alphas(cfg.diffusion), jnp.float32)
     t = cfg.train
     num_t = cfg.diffusion.num_train_timesteps
 
@@ -84,17 +83,16 @@ def make_loss_fn(cfg: Config, graphdef, timestep_groups: int = 1):
         k_t, k_noise, k_text, k_src = jax.random.split(key, 4)
         target = batch["target"]
         b = target.shape[0]
-        timesteps = stratified_timesteps(k_t, b, timestep_groups, num_t)
-        a = a_table[timesteps]
+        index = stratified_timesteps(k_t, b, timestep_groups, num_t)
         noise = jax.random.normal(k_noise, target.shape, jnp.float32)
-        noisy = losslib.add_noise(target, noise, a)
+        noisy, timestep, goal = objective.noised(cfg.diffusion, target, noise, index)  # v or flow
         keep_text = jax.random.bernoulli(k_text, 1 - t.text_dropout, (b, 1, 1))
         text = batch["text"] * keep_text  # dropped text is an all-zero embedding, as InsViE trains it
         src_shape = () if t.source_dropout_per == "batch" else (b, 1, 1, 1, 1)  # InsViE: one draw per batch
         source = batch["source"] * jax.random.bernoulli(k_src, 1 - t.source_dropout, src_shape)
         model = nnx.merge(graphdef, params, frozen)
-        v_pred = model(noisy, source, text, timesteps.astype(jnp.float32))
-        per_sample = losslib.edit_loss(v_pred, losslib.v_target(target, noise, a), t.frame_loss_weight)
+        prediction = model(noisy, source, text, timestep)
+        per_sample = losslib.edit_loss(prediction, goal, t.frame_loss_weight)
         return per_sample.mean()
 
     return loss_fn

@@ -1,6 +1,6 @@
 """Validation edits during training: every `train.sample_every` steps, the model being trained edits a fixed
 set of up to `train.num_val_clips` clips with 3-way guidance (`sample/loop.py`, `train.val_sample_steps`
-steps of `sample.sampler`).
+steps of `sample.sampler`; Wan: `sample/wan_edit.py` with sample.guidance, the zero text as unconditional).
 
 Reported: "edit_mse", the mean squared error between the sampled edit latents and the target latents, beside
 "source_mse", the same between the unedited source and the target; an edit model that learned anything has
@@ -27,7 +27,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from insvie_jax import config as configlib
 from insvie_jax import storage
 from insvie_jax.data import video as videolib
+from insvie_jax.models import latents as latents_lib
 from insvie_jax.sample import loop as sampling
+from insvie_jax.sample import wan_edit
 
 STRIP_FRAMES = 4  # frames per clip in the TensorBoard strip
 VIDEO_CLIPS = 8  # clips decoded to mp4 and to the contact sheet (decoding costs more than sampling)
@@ -38,6 +40,11 @@ CONTACT_SHEET = "contact_sheet.png"
 @nnx.jit
 def _decode(vae, latents):
     return vae.decode(latents)
+
+
+@nnx.jit(static_argnums=(4,))
+def _wan_sample(model, source, text, noise, settings):
+    return wan_edit.sample_latents(model, source, text, None, noise, settings)
 
 
 class Validator:
@@ -64,8 +71,13 @@ class Validator:
         """Samples the validation edits with `params`; writes the metrics (and videos); returns the record."""
         model = nnx.merge(self.graphdef, params, frozen)
         key = jax.random.key(self.cfg.sample.seed)
-        edited = sampling.sample(model, self.clips["source"], self.clips["text"], key, self.sample_cfg,
-                                 self.cfg.diffusion, progress=False)
+        if self.cfg.model.family == "wan":  # flow sampler; the unconditional text is the dropped (zero) one
+            settings = wan_edit.settings_from_config(dataclasses.replace(self.cfg, sample=self.sample_cfg))
+            noise = wan_edit.noise_like(key, self.clips["source"], self.cfg.model.out_channels)
+            edited = _wan_sample(model, self.clips["source"], self.clips["text"], noise, settings)
+        else:
+            edited = sampling.sample(model, self.clips["source"], self.clips["text"], key, self.sample_cfg,
+                                     self.cfg.diffusion, progress=False)
         edited = np.asarray(jax.device_get(edited), np.float32)
         source, target = self.host_clips["source"], self.host_clips["target"]
         record = {"step": done, "val_clips": len(edited), "edit_mse": float(np.mean((edited - target) ** 2)),
@@ -84,7 +96,7 @@ class Validator:
         `insvie-jax eval` metrics (also in the folder's eval.json)."""
         count = min(len(edited), VIDEO_CLIPS)
         latents = np.concatenate([source[:count], edited[:count], target[:count]])
-        latents = latents / np.float32(self.cfg.vae.scaling_factor)
+        latents = latents_lib.from_model(self.cfg.vae, latents)
         videos = videolib.to_uint8(np.asarray(_decode(self.vae, latents)))
         folder = self.run_dir / "samples" / str(done)
         storage.makedirs(folder)

@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from insvie_jax.config import WanVAEConfig
+from insvie_jax.models import latents as latents_lib
 from insvie_jax.models.frames import scan_frame_batches
 from insvie_jax.models.layers import param
 from insvie_jax.models.params import host_random_weights, module_from_flat
@@ -475,18 +476,14 @@ def _check(cfg: WanVAEConfig) -> None:
 
 def normalize_latents(latents, cfg: WanVAEConfig):
     """Raw VAE latents (..., z) -> the diffusion model's latents, (z - latents_mean) / latents_std per channel
-    (diffusers' Wan pipelines). Apply where latents enter the diffusion model: on encoded training data (a
-    posterior sample) and on an edit's encoded source."""
-    mean = jnp.asarray(cfg.latents_mean, jnp.float32)
-    std = jnp.asarray(cfg.latents_std, jnp.float32)
-    return (latents.astype(jnp.float32) - mean) / std
+    (diffusers' Wan pipelines; `models.latents.to_model`). Apply where latents enter the diffusion model: on
+    encoded training data (a posterior sample) and on an edit's encoded source."""
+    return latents_lib.to_model(cfg, latents)
 
 
 def denormalize_latents(latents, cfg: WanVAEConfig):
     """The inverse of `normalize_latents`: apply where latents leave the diffusion model, before `decode`."""
-    mean = jnp.asarray(cfg.latents_mean, jnp.float32)
-    std = jnp.asarray(cfg.latents_std, jnp.float32)
-    return latents.astype(jnp.float32) * std + mean
+    return latents_lib.from_model(cfg, latents)
 
 
 # ---------------------------------------------------------------------------------------------------
