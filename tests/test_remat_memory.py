@@ -92,7 +92,7 @@ def test_sharded_train_steps_are_bit_identical_with_the_layer_inputs_on_the_host
         mesh = meshlib.create_mesh(cfg.mesh)
         optimizer = steplib.make_optimizer(cfg)
         train_state = TrainState.init(cfg, mesh, optimizer, load_training_models(cfg))
-        graphdef, state, frozen = train_state.graphdef, train_state.variables, train_state.frozen
+        _graphdef, state, frozen = train_state.graphdef, train_state.variables, train_state.frozen
         step_fn = steplib.make_train_step(cfg, train_state, optimizer, mesh,
                                           meshlib.data_parallel_size(mesh))
         data = SyntheticTriplets(cfg.data.batch_size, configlib.latent_shape(cfg), cfg.model.text_length,

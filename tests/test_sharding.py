@@ -36,7 +36,7 @@ def _mesh_config(cfg, data, fsdp, tensor, context):
 def _run(cfg, mesh, groups, steps=2):
     optimizer = steplib.make_optimizer(cfg)
     train_state = TrainState.init(cfg, mesh, optimizer, load_training_models(cfg))
-    graphdef, state, frozen = train_state.graphdef, train_state.variables, train_state.frozen
+    _graphdef, state, frozen = train_state.graphdef, train_state.variables, train_state.frozen
     step_fn = steplib.make_train_step(cfg, train_state, optimizer, mesh, groups)
     data = SyntheticTriplets(cfg.data.batch_size, latent_shape(cfg), cfg.model.text_length, cfg.model.text_embed_dim)
     losses = []

@@ -104,7 +104,7 @@ def test_lora_run_updates_adapters_and_proj_edit_only(tmp_path):
     mesh = meshlib.create_mesh(cfg.mesh)
     optimizer = steplib.make_optimizer(cfg)
     train_state = TrainState.init(cfg, mesh, optimizer, load_training_models(cfg))
-    graphdef, state, frozen = train_state.graphdef, train_state.variables, train_state.frozen
+    _graphdef, state, frozen = train_state.graphdef, train_state.variables, train_state.frozen
     want = flat_params(pretrained)
     frozen_flat = {".".join(k.key for k in path): v for path, v in jax.tree_util.tree_flatten_with_path(frozen)[0]}
     assert "blocks.ff.w1.kernel" in frozen_flat and "patch_embed.proj_edit.kernel" not in frozen_flat

@@ -26,7 +26,7 @@ def test_nan_batch_skips_the_update_and_is_counted():
     mesh = meshlib.create_mesh(cfg.mesh)
     optimizer = steplib.make_optimizer(cfg)
     train_state = TrainState.init(cfg, mesh, optimizer, load_training_models(cfg))
-    graphdef, state, frozen = train_state.graphdef, train_state.variables, train_state.frozen
+    _graphdef, state, frozen = train_state.graphdef, train_state.variables, train_state.frozen
     step_fn = steplib.make_train_step(cfg, train_state, optimizer, mesh)
     data = SyntheticTriplets(cfg.data.batch_size, configlib.latent_shape(cfg), cfg.model.text_length,
                              cfg.model.text_embed_dim)
