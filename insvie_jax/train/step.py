@@ -185,7 +185,9 @@ def make_loss_fn(cfg: Config, graphdef, timestep_groups: int = 1):
         source = batch["source"] * jax.random.bernoulli(k_src, 1 - t.source_dropout, src_shape)
         model = nnx.merge(graphdef, params, frozen)
         v_pred = model(noisy, source, text, timesteps.astype(jnp.float32))
-        per_sample = losslib.edit_loss(v_pred, losslib.v_target(target, noise, a), t.frame_loss_weight)
+        weights = (losslib.edit_region_weights(batch["source"], target, t.edit_region_weight)
+                   if t.edit_region_weight else None)
+        per_sample = losslib.edit_loss(v_pred, losslib.v_target(target, noise, a), t.frame_loss_weight, weights)
         return per_sample.mean()
 
     return loss_fn
