@@ -60,3 +60,23 @@ def test_diverged_run_stops_with_a_message_naming_the_step(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     nonfinite = [r for r in records if "loss" in r and not np.isfinite(r["loss"])]
     assert len(nonfinite) >= 4 and nonfinite[-1]["skipped_steps"] >= 4
+
+
+def test_edit_region_weight_weighs_only_the_cells_the_edit_changes():
+    from insvie_jax.diffusion import loss as losslib
+
+    rng = np.random.default_rng(0)
+    source = rng.standard_normal((2, 3, 4, 6, 16)).astype(np.float32)
+    target = source.copy()
+    target[0, 1, 2, 3] += 2.0  # clip 0: one edited cell; clip 1: no edit
+    weights = np.asarray(losslib.edit_region_weights(source, target, 3.0))
+    expected = np.ones((2, 3, 4, 6, 1), np.float32)
+    expected[0, 1, 2, 3] = 4.0
+    np.testing.assert_array_equal(weights, expected)
+    # An error on the edited cell costs 1 + 3 times as much; one elsewhere as before.
+    for cell in [(1, 2, 3), (0, 0, 0)]:
+        err = np.zeros_like(source)
+        err[:, cell[0], cell[1], cell[2]] = 1.0
+        plain = np.asarray(losslib.edit_loss(err, np.zeros_like(err)))
+        weighted = np.asarray(losslib.edit_loss(err, np.zeros_like(err), weights=weights))
+        np.testing.assert_allclose(weighted, plain * [4.0 if cell == (1, 2, 3) else 1.0, 1.0], rtol=1e-6)

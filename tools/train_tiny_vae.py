@@ -85,9 +85,11 @@ def train(cfg: configlib.Config, steps: int, batch: int, lr: float, kl_weight: f
         def loss_fn(vae):
             posterior = vae.encode(video)
             # Extra latent noise: the decoder learns to map slightly-off latents (a diffusion model's samples)
-            # to clean pictures rather than to speckles.
+            # to clean pictures rather than to smears. Its std is relative to the latents' spread (so in units of
+            # the scaled latents the edit model works in): the encoder cannot outgrow it by inflating its latents.
             sample_key, noise_key = jax.random.split(key)
-            z = posterior.sample(sample_key) + decoder_noise * jax.random.normal(noise_key, posterior.mean.shape)
+            spread = jax.lax.stop_gradient(jnp.std(posterior.mean))
+            z = posterior.sample(sample_key) + decoder_noise * spread * jax.random.normal(noise_key, posterior.mean.shape)
             decoded = vae.decode(z)
             mse = jnp.mean((decoded - video) ** 2)
             kl = 0.5 * jnp.mean(posterior.mean ** 2 + jnp.exp(posterior.logvar) - 1 - posterior.logvar)
@@ -126,8 +128,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=16, help="clips per step (half sources, half edits)")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--kl-weight", type=float, default=1e-5)
-    parser.add_argument("--decoder-noise", type=float, default=0.0,
-                        help="std of extra noise on the decoded latents (0: the shipped VAE)")
+    parser.add_argument("--decoder-noise", type=float, default=0.15,
+                        help="std of extra noise on the decoded latents, relative to their spread (scaled-latent units;"
+                             " about the edit model's latent error, so that its edits decode clean)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     args = parser.parse_args(argv)

@@ -408,6 +408,8 @@ class TrainConfig:
     adam_eps: float = ranged(1e-8, ">= 0")
     grad_clip: float = ranged(1.0, "> 0")
     frame_loss_weight: float = ranged(0.5, ">= 0")
+    # extra loss weight on the latent cells the edit changes (diffusion/loss.edit_region_weights); 0 = InsViE's
+    edit_region_weight: float = ranged(0.0, ">= 0")
     text_dropout: float = ranged(0.1, "[0, 1]")
     source_dropout: float = ranged(0.05, "[0, 1]")
     source_dropout_per: Literal["batch", "sample"] = "batch"  # "batch": one draw per step (InsViE) | "sample"

@@ -92,7 +92,9 @@ def make_loss_fn(cfg: Config, graphdef, timestep_groups: int = 1):
         source = batch["source"] * jax.random.bernoulli(k_src, 1 - t.source_dropout, src_shape)
         model = nnx.merge(graphdef, params, frozen)
         prediction = model(noisy, source, text, timestep)
-        per_sample = losslib.edit_loss(prediction, goal, t.frame_loss_weight)
+        weights = (losslib.edit_region_weights(batch["source"], target, t.edit_region_weight)
+                   if t.edit_region_weight else None)
+        per_sample = losslib.edit_loss(prediction, goal, t.frame_loss_weight, weights)
         return per_sample.mean()
 
     return loss_fn
