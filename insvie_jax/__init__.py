@@ -12,23 +12,15 @@ from insvie_jax.parallel.topology import quiet_libtpu_without_tpu
 __version__ = "0.1.0"
 quiet_libtpu_without_tpu()
 
-_LAZY = {
-    "load_transformer": "insvie_jax.convert.api",
-    "save_transformer": "insvie_jax.convert.api",
-    "load_vae": "insvie_jax.convert.vae_keys",
-    "save_vae": "insvie_jax.convert.vae_keys",
-    "load_t5": "insvie_jax.convert.t5_keys",
-    "save_t5": "insvie_jax.convert.t5_keys",
-    "load_models": "insvie_jax.convert.models",
-}
+_PUBLIC = ("load_transformer", "save_transformer", "load_vae", "save_vae", "load_t5", "save_t5", "load_models")
 
 
 def __getattr__(name):
-    if name in _LAZY:
-        import importlib
+    if name in _PUBLIC:  # convert/ imports them on first use
+        from insvie_jax import convert
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        return getattr(convert, name)
     raise AttributeError(f"module 'insvie_jax' has no attribute {name!r}")
 
 
-__all__ = list(_LAZY)
+__all__ = list(_PUBLIC)

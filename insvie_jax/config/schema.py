@@ -7,8 +7,6 @@ import dataclasses
 import typing
 from typing import Any, Literal
 
-
-
 # Allowed values of string keys live in the schema as Literal types; `choices("section.key")` lists them.
 ComputeDtype = Literal["float32", "bfloat16", "float16"]
 ParamDtype = Literal["float32", "bfloat16"]
@@ -60,7 +58,29 @@ def ranged(default: float, spec: str):
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class TransformerExecution:
+    """How either family's transformer runs (dtypes, attention kernel and tiles, layer scan, remat); the
+    family's own section adds its sizes."""
+
+    param_dtype: ParamDtype = "float32"
+    dtype: ComputeDtype = "bfloat16"
+    attention: Attention = "auto"  # models/attention.py
+    # TPU splash-attention tiles (multiples of 128; block_kv_compute divides block_kv); backward uses the same.
+    # 0: the tile for the TPU generation compiled for (models/attention.py SPLASH_TILES).
+    splash_block_q: int = ranged(0, ">= 0")
+    splash_block_kv: int = ranged(0, ">= 0")
+    splash_block_kv_compute: int = ranged(0, ">= 0")
+    splash_fused_bwd: bool = False  # one fused dQ/dK/dV backward kernel instead of two
+    scan_layers: bool = True
+    remat_policy: RematPolicy = "none"
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig(TransformerExecution):
     """The CogVideoX editing transformer. Sizes follow diffusers' `CogVideoXTransformer3DModel` names."""
 
     family: Literal["cogvideox"] = "cogvideox"
@@ -88,29 +108,13 @@ class ModelConfig:
     norm_eps: float = ranged(1e-5, "> 0")
     qk_norm_eps: float = ranged(1e-6, "> 0")
     norm_out_eps: float = ranged(1e-5, "> 0")  # diffusers; SAT's final adaLN norm uses 1e-6
-    param_dtype: ParamDtype = "float32"
-    dtype: ComputeDtype = "bfloat16"
-    attention: Attention = "auto"  # models/attention.py
-    # TPU splash-attention tiles (multiples of 128; block_kv_compute divides block_kv); backward uses the same.
-    # 0: the tile for the TPU generation compiled for (models/attention.py SPLASH_TILES).
-    splash_block_q: int = ranged(0, ">= 0")
-    splash_block_kv: int = ranged(0, ">= 0")
-    splash_block_kv_compute: int = ranged(0, ">= 0")
-    splash_fused_bwd: bool = False  # one fused dQ/dK/dV backward kernel instead of two
-    scan_layers: bool = True
-    remat_policy: RematPolicy = "none"
-
-    @property
-    def hidden_size(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
     @property
     def mlp_dim(self) -> int:
         return int(self.hidden_size * self.mlp_ratio)
 
 
 @dataclasses.dataclass(frozen=True)
-class WanModelConfig:
+class WanModelConfig(TransformerExecution):
     """The Wan edit transformer (diffusers `WanTransformer3DModel`, Lucy-Edit layout: source latents concatenated
     on channels). Field names follow `ModelConfig` where the two mean the same, diffusers' otherwise; defaults
     are Wan2.2-TI2V-5B's in the edit layout (in_channels 96 = 2 x 48)."""
@@ -131,20 +135,6 @@ class WanModelConfig:
     eps: float = ranged(1e-6, "> 0")
     rope_max_seq_len: int = ranged(1024, ">= 1")
     rope_theta: float = ranged(10000.0, "> 0")
-    param_dtype: ParamDtype = "float32"
-    dtype: ComputeDtype = "bfloat16"
-    attention: Attention = "auto"
-    splash_block_q: int = ranged(512, ">= 0")
-    splash_block_kv: int = ranged(512, ">= 0")
-    splash_block_kv_compute: int = ranged(512, ">= 0")
-    splash_fused_bwd: bool = False
-    scan_layers: bool = True
-    remat_policy: RematPolicy = "none"
-
-    @property
-    def hidden_size(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
     @property
     def mlp_dim(self) -> int:
         return self.ffn_dim

@@ -9,6 +9,7 @@ _LAZY = {
     "save_vae": "insvie_jax.convert.vae_keys",
     "load_t5": "insvie_jax.convert.t5_keys",
     "save_t5": "insvie_jax.convert.t5_keys",
+    "load_models": "insvie_jax.convert.models",
 }
 
 
