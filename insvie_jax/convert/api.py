@@ -39,7 +39,8 @@ def detect_format(path: str | Path) -> str:
 
 def _preset_hint(found: dict[str, tuple]) -> str:
     """Names the shipped presets (configs/*.yaml) whose parameter shapes the checkpoint has, if any."""
-    fitting = [name for name in config_lib.presets() if param_shapes(tr.abstract(config_lib.load(name).model)) == found]
+    models = ((name, config_lib.load(name).model) for name in config_lib.presets())
+    fitting = [name for name, m in models if m.family == "cogvideox" and param_shapes(tr.abstract(m)) == found]
     if not fitting:
         return ""
     return f"\nthe tensors fit preset {', '.join(repr(n) for n in fitting)} (configs/): use that config"
