@@ -1,7 +1,7 @@
 """`insvie-jax bench`: speed and memory of our workloads, side by side with their PyTorch references, as ratios.
 
 Every row runs in subprocesses of its own: ours (JAX) first, then, once ours has exited and its memory is
-released, the reference (insvie_jax/bench/torch_reference.py) on the same random weights and inputs, which
+released, the reference (insvie_jax/convert/torch_reference.py) on the same random weights and inputs, which
 ours hands over through a scratch folder. Peaks are each side's own, and JAX's and torch's allocators never
 share the card. Timing: first call (compile + warm-up) apart, device synchronised, median of --repeats.
 Model FLOPs are counted analytically (transformer, attention, T5) and give TFLOP/s and MFU. Results go to a
@@ -29,7 +29,7 @@ from pathlib import Path
 @dataclasses.dataclass(frozen=True)
 class Workload:
     ours: str  # "module:function" returning a bench.timing.Prepared
-    reference: str | None  # function in insvie_jax.bench.torch_reference
+    reference: str | None  # function in insvie_jax.convert.torch_reference
     needs: tuple = ("torch", "diffusers")  # what the reference imports
     overrides: tuple = ()  # config defaults of this workload (the user's --set comes after) ...
     family: str = ""  # ... for this model.family only ("" = any)

@@ -133,9 +133,9 @@ def main(argv=None) -> None:
     if args.side == "jax":
         rows = run_jax(args)
     else:
-        from insvie_jax.bench.torch_reference import wan_transformer_reference
+        from insvie_jax.convert.torch_reference import wan_transformer_reference
 
-        from insvie_jax.bench.torch_reference import wan_sampling_loop_reference
+        from insvie_jax.convert.torch_reference import wan_sampling_loop_reference
 
         rows = (wan_sampling_loop_reference(args.frames, args.height, args.width, args.loop) if args.loop else
                 wan_transformer_reference(args.frames, args.height, args.width, args.repeats, _median))

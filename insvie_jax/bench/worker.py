@@ -18,7 +18,7 @@ def run_ours(spec: dict) -> dict:
 
     from insvie_jax import config as configlib
     from insvie_jax.bench import WORKLOADS, profile, timing
-    from insvie_jax.bench import torch_reference
+    from insvie_jax.convert import torch_reference
     from insvie_jax.train.metrics import peak_tflops
 
     cfg = configlib.load(spec["config"], spec["overrides"])
@@ -57,7 +57,7 @@ def run_ours(spec: dict) -> dict:
 def run_reference(spec: dict) -> dict:
     from insvie_jax import config as configlib
     from insvie_jax.bench import WORKLOADS
-    from insvie_jax.bench import torch_reference
+    from insvie_jax.convert import torch_reference
 
     cfg = configlib.load(spec["config"], spec["overrides"])
     fn = getattr(torch_reference, WORKLOADS[spec["workload"]].reference)
