@@ -31,6 +31,7 @@ from insvie_jax.config import Config
 from insvie_jax.convert.models import Models, load_models
 from insvie_jax.data import video as videolib
 from insvie_jax.models import family
+from insvie_jax.models import latents as latents_lib
 from insvie_jax.models import t5 as t5_model
 from insvie_jax.sample import loop, wan_edit
 
@@ -119,10 +120,11 @@ class Editor:
             log.warning("insvie-jax edit: the instruction is longer than text_encoder.max_length=%d tokens and was "
                         "truncated: %r", models.text_cfg.max_length, instruction)
         encode_key, sample_key = jax.random.split(jax.random.key(seed))
-        latents = encode_video(models.vae, source[None], encode_key) * models.scaling_factor
+        latents = latents_lib.to_model(cfg.vae, encode_video(models.vae, source[None], encode_key), models.scaling_factor)
         edited = loop.sample(models.transformer, latents, text, sample_key, cfg.sample, cfg.diffusion,
                              progress=progress)
-        decoded = np.asarray(decode_latents(models.vae, edited / models.scaling_factor))[0, :frames]
+        decoded = np.asarray(decode_latents(models.vae, latents_lib.from_model(cfg.vae, edited, models.scaling_factor)))[
+            0, :frames]
 
         meta = {
             "video": str(video), "instruction": instruction, "instruction_truncated": truncated,
